@@ -1,0 +1,381 @@
+"""The generation engine: continuous batching over mlx-lm model modules.
+
+Owns: the decode loop (one sampled-token array and one host transfer per step,
+the next step queued before the previous tokens are read), chunked prefill of
+admitted units interleaved with decode steps, shared-prefix KV reuse through a
+byte-capped LRU, stop tokens / stop strings / max_tokens, lazy slot compaction
+and the counters the dashboard shows. Does not own: reading input or writing
+results (runner.py), grouping (scheduler.py), sampling maths (sampling.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .kvcache import BatchCache, forward_hidden, forward_last
+from .models import LoadedModel, backend
+from .sampling import RowParams, sample
+from .scheduler import Scheduler, Unit, common_prefix, token_key
+
+DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_PREFIX_CACHE_GB = 1.0
+_COMPACT_FRACTION = 0.25  # drop finished rows once they are this share of the batch
+_ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: off; 0: chosen token; n: also the top n
+
+
+@dataclass
+class Request:
+    key: object
+    tokens: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    key: object
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    logprobs: list | None = None  # [(token, logprob, [(token, logprob), ...]), ...]
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0  # in admitted requests
+    prompt_computed: int = 0  # real tokens run through the model
+    prompt_padding: int = 0  # pad tokens run through the model
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache or a shared unit prefix
+    prefix_lookups: int = 0
+    prefix_hits: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    active: int = 0
+    capacity: int = 0
+    waiting: int = 0
+
+
+@dataclass
+class _Row:
+    request: Request
+    prompt_len: int
+    generated: list = field(default_factory=list)
+    logprobs: list | None = None
+    is_alive: bool = True
+
+
+def _default_kv_bytes() -> int:
+    info = mx.device_info()
+    total = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * 0.4)
+
+
+class PrefixCache:
+    """Byte-capped LRU of prompt-prefix KV (batch 1), keyed by token bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[bytes, tuple[list, int]] = OrderedDict()
+        self._bytes = 0
+
+    def longest(self, key: bytes) -> tuple[bytes, list] | None:
+        best = None
+        for k, (kv, _) in self._items.items():
+            if len(k) <= len(key) and key.startswith(k) and (best is None or len(k) > len(best[0])):
+                best = (k, kv)
+        if best:
+            self._items.move_to_end(best[0])
+        return best
+
+    def put(self, key: bytes, kv: list) -> None:
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = (kv, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, (_, freed) = self._items.popitem(last=False)
+            self._bytes -= freed
+
+
+class Engine:
+    """Add requests, call `step()` until `has_work` is false; each step returns completions."""
+
+    def __init__(self, lm: LoadedModel, *, max_batch: int | None = None, max_kv_gb: float | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
+                 max_prefill_tokens: int | None = None):
+        self.lm = lm
+        self.model = lm.model
+        self.max_batch = max_batch or (64 if backend() == "cpu" else 512)
+        self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()
+        self.prefill_chunk = prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens or (4096 if backend() == "cpu" else 32768)
+        self.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
+        self.scheduler = Scheduler()
+        self.stats = EngineStats(capacity=self.max_batch)
+        self._bytes_per_token = self._kv_bytes_per_token()
+        self._eos = frozenset(lm.eos_token_ids)
+        self._cache: BatchCache | None = None
+        self._rows: list[_Row] = []
+        self._params: RowParams | None = None
+        self._next: tuple[mx.array, mx.array | None] | None = None  # sampled, not yet read
+        self._filling = None  # a unit mid-prefill: (unit, cache, tokens, valid, done_cols)
+        self._wants_logprobs = False
+
+    # ------------------------------------------------------------ public API
+    def add(self, request: Request) -> None:
+        self.scheduler.add(request)
+        self._wants_logprobs |= request.params.logprobs is not None
+        self.stats.waiting = len(self.scheduler)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler)
+
+    @property
+    def num_active(self) -> int:
+        return sum(r.is_alive for r in self._rows)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler) or self._filling is not None or self.num_active > 0
+
+    def step(self) -> list[Completion]:
+        """One scheduling round and one decode step; returns rows that finished."""
+        self._compact()
+        self._admit()
+        if not self._rows:
+            return []
+        current = self._next
+        self._next = self._decode(current[0]) if self.num_active else None
+        done = self._absorb(current)
+        self.stats.steps += 1
+        self.stats.active = self.num_active
+        self.stats.waiting = len(self.scheduler)
+        return done
+
+    def cancel(self) -> None:
+        """Forget everything in flight (after an interrupt)."""
+        self._cache, self._rows, self._params, self._next, self._filling = None, [], None, None, None
+        self.scheduler = Scheduler()
+
+    # ------------------------------------------------------------ decode
+    def _decode(self, tokens: mx.array):
+        self._cache.layout.begin(mx.ones((len(self._rows), 1), dtype=mx.bool_))
+        logits = forward_last(self.model, tokens[:, None], self._cache)
+        sampled, logprobs = sample(logits, self._params)
+        self._params.counter = self._params.counter + 1
+        extra = self._logprob_arrays(sampled, logprobs)
+        mx.async_eval(sampled, *(extra or ()))
+        return sampled, extra
+
+    def _logprob_arrays(self, sampled: mx.array, logprobs: mx.array):
+        # Fixed shapes once any request wants logprobs, so row sets always concatenate.
+        if not self._wants_logprobs:
+            return None
+        chosen = mx.take_along_axis(logprobs, sampled[:, None], axis=-1)[:, 0]
+        top = mx.argpartition(-logprobs, MAX_TOP_LOGPROBS - 1, axis=-1)[:, :MAX_TOP_LOGPROBS]
+        return chosen, top, mx.take_along_axis(logprobs, top, axis=-1)
+
+    def _absorb(self, current) -> list[Completion]:
+        tokens = current[0].tolist()
+        lps = [a.tolist() for a in current[1]] if current[1] is not None else None
+        done = []
+        for i, row in enumerate(self._rows):
+            if not row.is_alive:
+                continue
+            if lps is not None and row.request.params.logprobs is not None:
+                self._record_logprob(row, tokens[i], lps, i)
+            reason = self._push(row, tokens[i])
+            if reason:
+                row.is_alive = False
+                done.append(self._complete(row, reason))
+        return done
+
+    def _record_logprob(self, row: _Row, token: int, lps: list, i: int) -> None:
+        n = row.request.params.logprobs
+        top = sorted(zip(lps[1][i], lps[2][i]), key=lambda t: -t[1])[:n] if n else []
+        row.logprobs.append((token, lps[0][i], top))
+
+    def _push(self, row: _Row, token: int) -> str | None:
+        """Append one sampled token; the finish reason if the row is done."""
+        if token in self._eos:
+            if row.logprobs:
+                row.logprobs.pop()  # the EOS token is not part of the output
+            return "stop"
+        row.generated.append(token)
+        self.stats.generated_tokens += 1
+        params = row.request.params
+        if params.stop and self._hits_stop(row):
+            return "stop"
+        if len(row.generated) >= params.max_tokens or row.prompt_len + len(row.generated) >= self.lm.context_length:
+            return "length"
+        return None
+
+    def _hits_stop(self, row: _Row) -> bool:
+        longest = max(len(s) for s in row.request.params.stop)
+        tail = self.lm.tokenizer.decode(row.generated[-(longest + 2):])
+        return any(s in tail for s in row.request.params.stop)
+
+    def _complete(self, row: _Row, reason: str) -> Completion:
+        text = self.lm.tokenizer.decode(row.generated)
+        tokens = row.generated
+        if reason == "stop" and row.request.params.stop:
+            cut = min((text.find(s) for s in row.request.params.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+        return Completion(row.request.key, text, tokens, reason, row.prompt_len, row.logprobs)
+
+    # ------------------------------------------------------------ batch shape
+    def _compact(self, force: bool = False) -> None:
+        dead = len(self._rows) - self.num_active
+        if not dead or (dead < _COMPACT_FRACTION * len(self._rows) and not force):
+            return
+        keep = [i for i, r in enumerate(self._rows) if r.is_alive]
+        if not keep:
+            self._cache, self._rows, self._params, self._next = None, [], None, None
+            return
+        index = mx.array(keep, dtype=mx.int32)
+        self._cache.keep(keep)
+        self._params = self._params.take(index)
+        sampled, extra = self._next
+        self._next = (sampled[index], tuple(a[index] for a in extra) if extra else None)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _admit(self) -> None:
+        """Advance the unit being prefilled by one chunk, or start the next one."""
+        if self._filling is None:
+            free = self.max_batch - self.num_active
+            if not self.scheduler or free <= 0:
+                return
+            if self.num_active and free < _ADMIT_FRACTION * self.max_batch and len(self.scheduler) >= free:
+                return
+            unit = self.scheduler.next_unit(max_rows=self._rows_within_budget(free),
+                                            max_prefill_tokens=self.max_prefill_tokens)
+            if unit is None:
+                return
+            self._filling = self._start_unit(unit)
+        self._prefill_chunk()
+
+    def _rows_within_budget(self, free: int) -> int:
+        """Rows that fit the KV budget, assuming each may reach its prompt + max_tokens."""
+        per_row = self._bytes_per_token * self._longest_row()
+        used = per_row * self.num_active
+        fits = (self.max_kv_bytes - used) // max(per_row, 1)
+        return max(1 if not self.num_active else 0, min(free, int(fits)))
+
+    def _longest_row(self) -> int:
+        rows = [r for r in self._rows if r.is_alive]
+        waiting_hint = self.lm.context_length if not rows else 0
+        longest = max((r.prompt_len + r.request.params.max_tokens for r in rows), default=0)
+        return min(max(longest, 1024 if waiting_hint else longest), self.lm.context_length)
+
+    def _kv_bytes_per_token(self) -> int:
+        args = self.model.args
+        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        itemsize = 4 if backend() == "cpu" else 2
+        return 2 * len(self.model.layers) * heads * head_dim * itemsize
+
+    # ------------------------------------------------------------ prefill
+    def _start_unit(self, unit: Unit):
+        reqs, p = unit.requests, unit.prefix_len
+        cache = BatchCache.from_prefix(self._prefix_kv(reqs[0].tokens[:p]), len(reqs), p) if p else \
+            BatchCache(len(self.model.layers), len(reqs))
+        suffixes = [r.tokens[p:] for r in reqs]
+        width = max(len(s) for s in suffixes)
+        pads = [width - len(s) for s in suffixes]
+        # Right-align suffixes; pads get positions below p and are masked out.
+        cache.layout.offset = mx.array([p - n for n in pads], dtype=mx.int32)
+        tokens = mx.array([[0] * n + s for n, s in zip(pads, suffixes)], dtype=mx.int32)
+        valid = mx.array([[False] * n + [True] * len(s) for n, s in zip(pads, suffixes)])
+        st = self.stats
+        st.prompt_tokens += sum(len(r.tokens) for r in reqs)
+        st.prompt_computed += sum(len(s) for s in suffixes)
+        st.prompt_padding += sum(pads)
+        st.prefix_hit_tokens += p * (len(reqs) - 1)
+        return unit, cache, tokens, valid, 0
+
+    def _prefill_chunk(self) -> None:
+        unit, cache, tokens, valid, start = self._filling
+        stop = min(start + self.prefill_chunk, tokens.shape[1])
+        cache.layout.begin(valid[:, start:stop])
+        if stop < tokens.shape[1]:
+            forward_hidden(self.model, tokens[:, start:stop], cache)
+            self._filling = (unit, cache, tokens, valid, stop)
+            return
+        logits = forward_last(self.model, tokens[:, start:stop], cache)
+        self._filling = None
+        self._join(unit, cache, logits)
+
+    def _join(self, unit: Unit, cache: BatchCache, logits: mx.array) -> None:
+        """Sample the unit's first tokens and merge it into the running batch."""
+        rows = [_Row(r, len(r.tokens), logprobs=[] if r.params.logprobs is not None else None)
+                for r in unit.requests]
+        params = RowParams.build([r.params for r in unit.requests])
+        sampled, logprobs = sample(logits, params)
+        params.counter = params.counter + 1
+        extra = self._logprob_arrays(sampled, logprobs)
+        mx.eval(sampled, *cache.arrays(), *(extra or ()))
+        self._compact(force=True)
+        if not self._rows:
+            self._cache, self._params, self._rows, self._next = cache, params, rows, (sampled, extra)
+            return
+        self._cache.merge(cache)
+        self._params = self._params.concat(params)
+        self._next = (mx.concatenate([self._next[0], sampled]), _concat_extra(self._next[1], extra, len(self._rows)))
+        self._rows = self._rows + rows
+
+    def _prefix_kv(self, prefix: list[int]) -> list:
+        """KV of a prompt prefix for batch 1, from the LRU or computed (and cached)."""
+        key = token_key(prefix)
+        self.stats.prefix_lookups += 1
+        found = self.prefix_cache.longest(key)
+        have = len(found[0]) // 4 if found else 0
+        if have == len(prefix):
+            self.stats.prefix_hits += 1
+            self.stats.prefix_hit_tokens += have
+            return found[1]
+        cache = BatchCache.from_prefix(found[1], 1, have) if found else BatchCache(len(self.model.layers), 1)
+        self.stats.prefix_hit_tokens += have
+        rest = mx.array([prefix[have:]], dtype=mx.int32)
+        for start in range(0, rest.shape[1], self.prefill_chunk):
+            chunk = rest[:, start : start + self.prefill_chunk]
+            cache.layout.begin(mx.ones(chunk.shape, dtype=mx.bool_))
+            forward_hidden(self.model, chunk, cache)
+        self.stats.prompt_computed += rest.shape[1]
+        kv = cache.prefix_kv()
+        self.prefix_cache.put(key, kv)
+        return kv
+
+
+def _concat_extra(old, new, num_old: int):
+    """Join logprob side arrays; rows from before logprobs were wanted get zeros (never read)."""
+    if new is None:
+        return None
+    if old is None:
+        old = (mx.zeros((num_old,)), mx.zeros((num_old, MAX_TOP_LOGPROBS), dtype=new[1].dtype),
+               mx.zeros((num_old, MAX_TOP_LOGPROBS)))
+    return tuple(mx.concatenate([a.astype(b.dtype), b]) for a, b in zip(old, new))

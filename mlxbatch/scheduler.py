@@ -1,0 +1,105 @@
+"""Which waiting requests are prefilled together, and with what shared prefix.
+
+Owns: the look-ahead window of waiting requests, kept sorted by token ids so
+rows sharing a prefix sit next to each other (a sorted array does the work of a
+radix tree here: the rows with the longest common prefix with any row are its
+neighbours). A unit is formed around the oldest waiting row (no starvation):
+its prefix-sharing neighbours, then the closest in length (less padding), under
+a row and a prefill-token cap. Does not own: running the model (engine.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from dataclasses import dataclass
+
+DEFAULT_MIN_SHARE = 0.5  # a neighbour joins while its shared prefix >= half the best one
+
+
+def token_key(tokens: list[int]) -> bytes:
+    # Big-endian bytes sort like the token sequence and compare at C speed.
+    a = array("I", tokens)
+    a.byteswap()
+    return a.tobytes()
+
+
+def common_prefix(a: bytes, b: bytes) -> int:
+    """Length in tokens of the common prefix of two token keys (binary search on slices)."""
+    lo, hi = 0, min(len(a), len(b)) // 4
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[: mid * 4] == b[: mid * 4]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass
+class Unit:
+    """Requests prefilled together; `prefix_len` leading tokens are identical in all."""
+
+    requests: list
+    prefix_len: int
+
+
+class Scheduler:
+    def __init__(self):
+        self._waiting: dict[int, object] = {}  # seq -> request, oldest first
+        self._sorted: list[tuple[bytes, int]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, request) -> None:
+        self._seq += 1
+        self._waiting[self._seq] = request
+        bisect.insort(self._sorted, (token_key(request.tokens), self._seq))
+
+    def next_unit(self, *, max_rows: int, max_prefill_tokens: int) -> Unit | None:
+        if not self._waiting or max_rows <= 0:
+            return None
+        anchor_seq = next(iter(self._waiting))
+        anchor_key = token_key(self._waiting[anchor_seq].tokens)
+        pos = bisect.bisect_left(self._sorted, (anchor_key, anchor_seq))
+        shared = self._neighbours(pos, anchor_key, limit=4 * max_rows)
+        anchor_len = len(anchor_key) // 4
+        # Closest lengths first (less padding), longer shared prefix breaks ties.
+        shared.sort(key=lambda item: (abs(item[2] - anchor_len), -item[1]))
+        chosen = shared[:max_rows]
+        chosen = self._cap_tokens(chosen, max_prefill_tokens)
+        prefix = min(min(c[1] for c in chosen), min(c[2] for c in chosen) - 1)
+        requests = [self._take(idx) for idx in sorted((c[0] for c in chosen), reverse=True)]
+        return Unit(requests[::-1], max(prefix, 0))
+
+    def _neighbours(self, pos: int, anchor_key: bytes, *, limit: int) -> list[tuple[int, int, int]]:
+        """(sorted index, shared prefix with anchor, length) of rows grouped with the anchor."""
+        out = [(pos, len(anchor_key) // 4, len(anchor_key) // 4)]
+        lo, hi, best = pos - 1, pos + 1, 0
+        while len(out) < limit:
+            left = common_prefix(self._sorted[lo][0], anchor_key) if lo >= 0 else -1
+            right = common_prefix(self._sorted[hi][0], anchor_key) if hi < len(self._sorted) else -1
+            share, idx = (left, lo) if left >= right else (right, hi)
+            if share < 0 or share < best * DEFAULT_MIN_SHARE:
+                break
+            best = max(best, share)
+            out.append((idx, share, len(self._sorted[idx][0]) // 4))
+            lo, hi = (lo - 1, hi) if idx == lo else (lo, hi + 1)
+        return out
+
+    @staticmethod
+    def _cap_tokens(chosen: list, max_tokens: int) -> list:
+        # The anchor (first) always stays, so a long prompt still runs alone.
+        while len(chosen) > 1:
+            prefix = min(min(c[1] for c in chosen), min(c[2] for c in chosen) - 1)
+            width = max(c[2] for c in chosen) - prefix
+            if len(chosen) * width <= max_tokens:
+                break
+            chosen = chosen[:-1]
+        return chosen
+
+    def _take(self, sorted_index: int):
+        _, seq = self._sorted.pop(sorted_index)
+        return self._waiting.pop(seq)
