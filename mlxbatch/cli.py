@@ -1,0 +1,214 @@
+"""The `mlxbatch` command line: parse options, call one library function, map errors.
+
+No logic lives here: each command builds its inputs and calls into the
+library; `MlxbatchError`s become a one-line message and an exit code (1, 2 for
+usage, 130 for interrupted). Set MLXBATCH_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import EXIT_INTERRUPTED, MlxbatchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run a local LLM over a big file of prompts, resumably (MLX).")
+models_app = typer.Typer(no_args_is_help=True, help="Cached models: list, pull, import, info.")
+app.add_typer(models_app, name="models")
+
+_MODEL_HELP = "smollm2-135m (default), random:<preset>, a .gguf file, a model folder or a Hugging Face repo id"
+
+
+def _fail(err: MlxbatchError) -> None:
+    typer.echo(f"mlxbatch: error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def _resume_command() -> str:
+    args = [a for a in sys.argv[1:] if a != "--restart"]
+    return "mlxbatch " + " ".join(shlex.quote(a) for a in args)
+
+
+@app.command()
+def run(
+    input: Optional[Path] = typer.Argument(None, help="prompts: .jsonl, .jsonl.gz or .parquet"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: INPUT.mlxbatch)"),
+    job: Optional[Path] = typer.Option(None, "--job", help="TOML job file; options given here override it"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    min_p: Optional[float] = typer.Option(None, "--min-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt for rows without one"),
+    raw: Optional[bool] = typer.Option(None, "--raw", help="send prompts as they are, no chat template"),
+    n: Optional[int] = typer.Option(None, "--n", help="samples per prompt"),
+    logprobs: Optional[bool] = typer.Option(None, "--logprobs", help="record token logprobs"),
+    top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", help="alternatives per token (0-20)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="max sequences in flight"),
+    max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40%% of memory)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8"),
+    id_field: Optional[str] = typer.Option(None, "--id-field"),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field"),
+    messages_field: Optional[str] = typer.Option(None, "--messages-field"),
+    output_format: Optional[str] = typer.Option(None, "--output-format", help="results|openai|chat|completions|text"),
+    keep_fields: Optional[str] = typer.Option(None, "--keep-fields", help="input fields to copy into records (a,b)"),
+    parquet: Optional[bool] = typer.Option(None, "--parquet", help="also write results.parquet at the end"),
+    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="default: ignore for random: models"),
+    restart: bool = typer.Option(False, "--restart", help="delete this job's results and start over"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+) -> None:
+    """Run (or resume) a job: one output record per input row."""
+    from .dashboard import Dashboard
+    from .job import build_spec
+    from .runner import run_job
+
+    overrides = dict(input=input, model=model, output=output, max_tokens=max_tokens, temperature=temperature,
+                     top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=tuple(stop or ()), system=system,
+                     raw=raw, n=n, logprobs=logprobs, top_logprobs=top_logprobs, batch_size=batch_size,
+                     max_kv_gb=max_kv_gb, dtype=dtype, id_field=id_field, prompt_field=prompt_field,
+                     messages_field=messages_field, output_format=output_format,
+                     keep_fields=tuple(f for f in (keep_fields or "").split(",") if f), parquet=parquet,
+                     ignore_eos=ignore_eos, restart=restart or None)
+    try:
+        spec = build_spec(job, overrides)
+        with Dashboard(quiet=quiet) as dash:
+            try:
+                stats = run_job(spec, progress=dash.update, resume_hint=_resume_command())
+            except MlxbatchError:
+                dash.stop()
+                raise
+            dash.summary(stats, complete=True)
+    except MlxbatchError as err:
+        _fail(err)
+
+
+@app.command()
+def status(folder: Path = typer.Argument(..., help="a job's output folder")) -> None:
+    """Rows done / total, errors, tokens, throughput, and how to resume."""
+    from .report import job_status
+
+    try:
+        typer.echo(job_status(folder))
+    except MlxbatchError as err:
+        _fail(err)
+
+
+@app.command()
+def validate(
+    input: Path = typer.Argument(...),
+    id_field: str = typer.Option("id", "--id-field"),
+    prompt_field: str = typer.Option("prompt", "--prompt-field"),
+    messages_field: str = typer.Option("messages", "--messages-field"),
+    max_problems: int = typer.Option(50, "--max-problems", help="problems to list (all are counted)"),
+) -> None:
+    """Check every row without loading a model; non-zero exit if any row is bad."""
+    from .report import validate_input
+
+    try:
+        text, problems = validate_input(input, id_field=id_field, prompt_field=prompt_field,
+                                        messages_field=messages_field, max_problems=max_problems)
+    except MlxbatchError as err:
+        _fail(err)
+    typer.echo(text)
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command()
+def bench(
+    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    peers: str = typer.Option("mlx-lm,hf", "--peers", help="comma list of peers to run: mlx-lm, hf"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
+    from .bench import run_bench
+
+    try:
+        typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
+                             batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out))
+    except MlxbatchError as err:
+        _fail(err)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Models in the cache."""
+    from . import models
+
+    rows = models.list_cached()
+    typer.echo(f"cache: {models.models_dir()}")
+    for name, d in rows:
+        typer.echo(f"  {name:40s} {d['size_mb']:>8.1f} MB  {d['architecture']}, {d['quantization']}")
+    if not rows:
+        typer.echo("  (empty; `mlxbatch models pull smollm2-135m` fetches the default)")
+    typer.echo("random presets: " + ", ".join(f"random:{p}" for p in models.RANDOM_PRESETS))
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="a built-in name or a Hugging Face repo id")) -> None:
+    """Download (and convert) a model into the cache."""
+    from . import models
+
+    try:
+        typer.echo(models.local_path(name))
+    except MlxbatchError as err:
+        _fail(err)
+
+
+@models_app.command("import")
+def models_import(file: Path = typer.Argument(..., help="a llama.cpp .gguf file")) -> None:
+    """Convert a GGUF file into the cache (once; later runs reuse it)."""
+    from . import models
+
+    try:
+        typer.echo(models.import_gguf(file))
+    except MlxbatchError as err:
+        _fail(err)
+
+
+@models_app.command("info")
+def models_info(name: str = typer.Argument(...)) -> None:
+    """Where a model lives, its size, architecture and quantization."""
+    from . import models
+
+    try:
+        if name.startswith("random:"):
+            preset = name.split(":", 1)[1]
+            if preset not in models.RANDOM_PRESETS:
+                raise models.ModelError(f"unknown random preset {preset!r}")
+            for k, v in models.RANDOM_PRESETS[preset].items():
+                typer.echo(f"{k}: {v}")
+            return
+        for k, v in models.describe(models.local_path(name)).items():
+            typer.echo(f"{k}: {v}")
+    except MlxbatchError as err:
+        _fail(err)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("mlxbatch: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except MlxbatchError as err:  # raised outside a command's own handler
+        typer.echo(f"mlxbatch: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except Exception:
+        if os.environ.get("MLXBATCH_DEBUG"):
+            raise
+        typer.echo(f"mlxbatch: internal error: {sys.exc_info()[1]!r} (set MLXBATCH_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)

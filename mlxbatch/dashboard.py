@@ -1,0 +1,100 @@
+"""Presenting job progress: a Rich live panel on a terminal, plain lines otherwise.
+
+Owns: everything the user sees while a job runs and the summary table at the
+end. The library (runner, engine) never imports rich; the CLI hands a
+Dashboard to the runner as its progress callback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from .stats import JobStats, fmt_duration
+
+_LIVE_HZ = 4.0
+_PLAIN_SECONDS = 5.0
+
+
+def _table(s: JobStats) -> Table:
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold cyan")
+    t.add_column()
+    e = s.engine
+    pct = 100 * s.done / s.total_rows if s.total_rows else 100.0
+    t.add_row("rows", f"{s.done:,}/{s.total_rows:,} ({pct:.1f}%)  errors {s.errors:,}  ETA {fmt_duration(s.eta_seconds)}")
+    t.add_row("generation", f"{s.gen_tps_now:,.0f} tok/s now, {s.gen_tps_avg:,.0f} avg  ({e.generated_tokens:,} tokens)")
+    t.add_row("prompt", f"{s.prompt_tps_now:,.0f} tok/s now, {s.prompt_tps_avg:,.0f} avg  "
+              f"({e.prompt_computed:,} computed of {e.prompt_tokens:,})")
+    t.add_row("batch", f"{e.active} in flight / {e.capacity} slots ({100 * s.occupancy:.0f}%), {e.waiting} waiting")
+    t.add_row("prefix cache", f"{100 * s.prefix_hit_rate:.0f}% of prompt tokens reused ({e.prefix_hits} cache hits)")
+    mem = s.memory()
+    t.add_row("memory", f"MLX {mem['mlx_active_mb']:,.0f} MB (peak {mem['mlx_peak_mb']:,.0f}), RSS peak {mem['rss_peak_mb']:,.0f} MB")
+    t.add_row("model", f"{s.model} on {s.device}  ->  {s.output}")
+    return t
+
+
+def _plain_line(s: JobStats) -> str:
+    return (f"[mlxbatch] {s.done}/{s.total_rows} rows, {s.errors} errors, {s.gen_tps_now:.0f} gen tok/s "
+            f"({s.gen_tps_avg:.0f} avg), {s.prompt_tps_now:.0f} prompt tok/s, {s.engine.active} in flight, "
+            f"prefix reuse {100 * s.prefix_hit_rate:.0f}%, ETA {fmt_duration(s.eta_seconds)}")
+
+
+class Dashboard:
+    """Call `update(stats)` as often as you like; it throttles itself."""
+
+    def __init__(self, *, is_live: bool | None = None, quiet: bool = False):
+        self.console = Console(stderr=True)
+        self.is_live = sys.stderr.isatty() if is_live is None else is_live
+        self.quiet = quiet
+        self._live: Live | None = None
+        self._last = 0.0
+
+    def __enter__(self) -> "Dashboard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _render(self, s: JobStats):
+        bar = ProgressBar(total=max(s.total_rows, 1), completed=s.done, width=60)
+        return Group(bar, _table(s))
+
+    def update(self, s: JobStats, *, force: bool = False) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if self.is_live:
+            if self._live is None:
+                self._live = Live(self._render(s), console=self.console, auto_refresh=False, transient=False)
+                self._live.start()
+            if force or now - self._last >= 1 / _LIVE_HZ:
+                self._live.update(self._render(s), refresh=True)
+                self._last = now
+        elif force or now - self._last >= _PLAIN_SECONDS:
+            print(_plain_line(s), file=sys.stderr, flush=True)
+            self._last = now
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def summary(self, s: JobStats, *, complete: bool) -> None:
+        self.stop()
+        t = Table(title="mlxbatch: " + ("job complete" if complete else "job stopped"), show_header=False)
+        t.add_column(style="bold")
+        t.add_column(justify="right")
+        e = s.engine
+        for k, v in [("rows done", f"{s.done:,} / {s.total_rows:,}"), ("error records", f"{s.errors:,}"),
+                     ("this run", fmt_duration(s.elapsed)), ("generated tokens", f"{e.generated_tokens:,}"),
+                     ("generation tok/s", f"{s.gen_tps_avg:,.1f}"),
+                     ("prompt tokens computed / total", f"{e.prompt_computed:,} / {e.prompt_tokens:,}"),
+                     ("prefix reuse", f"{100 * s.prefix_hit_rate:.0f}%"), ("output", s.output)]:
+            t.add_row(k, v)
+        self.console.print(t)

@@ -1,0 +1,218 @@
+"""Rows -> rendered items: what to ask the model, with which settings.
+
+Owns: recognising the three row shapes (plain prompt, chat messages, OpenAI
+Batch request line), validating fields with messages that name the line and
+field, chat templating (transformers' sandboxed Jinja, through mlx-lm's
+tokenizer), per-row sampling overrides and per-sample seeds. Does not own:
+reading files (source.py) or running the model (engine.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+
+from .engine import SamplingParams
+from .errors import RowError
+from .job import MAX_N, JobSpec
+from .source import Row
+
+OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_TOKENS_CAP = 1_000_000
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    line: int
+    id: str
+    kind: str  # "prompt" | "chat" | "openai-chat" | "openai-completion"
+    tokens: list
+    params: SamplingParams  # seed filled per sample by `request_params`
+    n: int = 1
+    messages: list | None = None
+    prompt: str | None = None
+    custom_id: str | None = None
+    model_field: str | None = None
+    kept: dict = field(default_factory=dict)
+
+    @property
+    def is_openai(self) -> bool:
+        return self.kind.startswith("openai")
+
+
+def raw_id(row: Row, id_field: str):
+    """The id a row declares (or its line-derived one), without validating the row."""
+    if row.data is None:
+        return None
+    if "custom_id" in row.data or "body" in row.data:
+        return row.data.get("custom_id")
+    rid = row.data.get(id_field)
+    return f"line-{row.line}" if rid is None else rid
+
+
+def derive_seed(*parts) -> int:
+    """A 32-bit seed from the row identity, so a rerun draws the same samples."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class Renderer:
+    def __init__(self, spec: JobSpec, tokenizer, context_length: int):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.has_template = getattr(tokenizer, "chat_template", None) is not None
+
+    def render(self, row: Row) -> Item:
+        if row.error:
+            raise row.error
+        data = row.data
+        if "custom_id" in data or "body" in data:
+            return self._openai(row, data)
+        rid = self._row_id(row, data)
+        overrides = data
+        if self.spec.messages_field in data:
+            messages = _messages(data[self.spec.messages_field], row.line, self.spec.messages_field)
+            return self._item(row, rid, "chat", overrides, messages=self._with_system(messages))
+        if self.spec.prompt_field in data:
+            prompt = _text(data[self.spec.prompt_field], row.line, self.spec.prompt_field)
+            if self.spec.raw or not self.has_template:
+                return self._item(row, rid, "prompt", overrides, prompt=prompt)
+            msgs = self._with_system([{"role": "user", "content": prompt}])
+            return self._item(row, rid, "prompt", overrides, prompt=prompt, messages=msgs)
+        raise RowError("missing_prompt", f"line {row.line}: no {self.spec.prompt_field!r} or "
+                       f"{self.spec.messages_field!r} field (fields: {', '.join(sorted(data)) or 'none'})")
+
+    def _row_id(self, row: Row, data: dict) -> str:
+        rid = raw_id(row, self.spec.id_field)
+        if rid is None:
+            return f"line-{row.line}"
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+            raise RowError("invalid_field", f"line {row.line}: field {self.spec.id_field!r} must be a non-empty string or integer")
+        return str(rid)
+
+    def _with_system(self, messages: list) -> list:
+        if self.spec.system and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.spec.system}, *messages]
+        return messages
+
+    def _openai(self, row: Row, data: dict) -> Item:
+        line = row.line
+        cid = data.get("custom_id")
+        if not isinstance(cid, str) or not cid:
+            raise RowError("invalid_field", f"line {line}: field 'custom_id' must be a non-empty string")
+        if data.get("method", "POST") != "POST":
+            raise RowError("invalid_field", f"line {line}: field 'method' must be \"POST\"")
+        url = data.get("url")
+        if url not in OPENAI_URLS:
+            raise RowError("unsupported_url", f"line {line}: field 'url' is {url!r}; supported: {', '.join(OPENAI_URLS)}")
+        body = data.get("body")
+        if not isinstance(body, dict):
+            raise RowError("invalid_field", f"line {line}: field 'body' must be an object")
+        model_field = body.get("model") if isinstance(body.get("model"), str) else None
+        if OPENAI_URLS[url] == "chat":
+            messages = _messages(body.get("messages"), line, "body.messages")
+            return self._item(row, cid, "openai-chat", body, messages=self._with_system(messages),
+                              custom_id=cid, model_field=model_field)
+        prompt = _text(body.get("prompt"), line, "body.prompt")
+        return self._item(row, cid, "openai-completion", body, prompt=prompt, custom_id=cid, model_field=model_field)
+
+    def _item(self, row: Row, rid: str, kind: str, overrides: dict, *, messages=None, prompt=None, **extra) -> Item:
+        params, n = self._params(overrides, row.line, kind.startswith("openai"))
+        tokens = self._tokens(messages if kind != "openai-completion" and messages else None, prompt, row.line)
+        if len(tokens) >= self.context_length:
+            raise RowError("prompt_too_long", f"line {row.line}: prompt has {len(tokens)} tokens; the model's "
+                           f"context is {self.context_length}")
+        kept = {k: row.data[k] for k in self.spec.keep_fields if k in row.data}
+        return Item(row.index, row.line, rid, kind, tokens, params, n, messages, prompt, kept=kept, **extra)
+
+    def _tokens(self, messages, prompt, line: int) -> list:
+        if self.tokenizer is None:  # `validate`: rules only, no model
+            return []
+        try:
+            if messages is not None:
+                out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                return list(out["input_ids"] if isinstance(out, dict) else out)
+            return list(self.tokenizer.encode(prompt))
+        except Exception as exc:  # template errors (e.g. raise_exception in Jinja)
+            raise RowError("template_error", f"line {line}: the chat template rejected this row ({exc})") from exc
+
+    def _params(self, o: dict, line: int, is_openai: bool) -> tuple[SamplingParams, int]:
+        s = self.spec
+        max_tokens = o.get("max_completion_tokens", o.get("max_tokens", s.max_tokens))
+        max_tokens = _int(max_tokens, line, "max_tokens", 1, MAX_TOKENS_CAP)
+        stop = o.get("stop", s.stop)
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
+            raise RowError("invalid_field", f"line {line}: field 'stop' must be a string or a list of non-empty strings")
+        logprobs = o.get("logprobs", s.logprobs)
+        top = o.get("top_logprobs", s.top_logprobs)
+        if not is_openai and isinstance(logprobs, int) and not isinstance(logprobs, bool):
+            logprobs, top = True, logprobs  # completions-style "logprobs": n
+        if not isinstance(logprobs, bool):
+            raise RowError("invalid_field", f"line {line}: field 'logprobs' must be true or false")
+        top = _int(top if top is not None else 0, line, "top_logprobs", 0, 20)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_num(o.get("temperature", s.temperature), line, "temperature", 0, 100),
+            top_p=_num(o.get("top_p", s.top_p), line, "top_p", 0, 1, open_low=True),
+            top_k=_int(o.get("top_k", s.top_k), line, "top_k", 0, 1 << 30),
+            min_p=_num(o.get("min_p", s.min_p), line, "min_p", 0, 1),
+            seed=_int(o.get("seed", s.seed), line, "seed", -(1 << 63), 1 << 64),
+            stop=tuple(stop),
+            logprobs=top if logprobs else None,
+        )
+        return params, _int(o.get("n", s.n), line, "n", 1, MAX_N)
+
+
+def request_params(item: Item, sample: int) -> SamplingParams:
+    """The item's settings with this sample's own seed (job or row seed, id, sample index)."""
+    return replace(item.params, seed=derive_seed(item.params.seed, item.id, sample))
+
+
+def _int(v, line: int, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise RowError("invalid_field", f"line {line}: field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _num(v, line: int, name: str, lo: float, hi: float, *, open_low: bool = False) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (lo < v if open_low else lo <= v) and v <= hi
+    if not ok:
+        interval = f"({lo}, {hi}]" if open_low else f"[{lo}, {hi}]"
+        raise RowError("invalid_field", f"line {line}: field {name!r} must be a number in {interval}, got {v!r}")
+    return float(v)
+
+
+def _text(v, line: int, name: str) -> str:
+    if not isinstance(v, str):
+        raise RowError("invalid_field", f"line {line}: field {name!r} must be a string, got {type(v).__name__}")
+    if not v.strip():
+        raise RowError("missing_prompt", f"line {line}: field {name!r} is empty")
+    return v
+
+
+def _messages(v, line: int, name: str) -> list:
+    if not isinstance(v, list) or not v:
+        raise RowError("invalid_field", f"line {line}: field {name!r} must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(v):
+        where = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise RowError("invalid_field", f"line {line}: {where} must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RowError("invalid_field", f"line {line}: {where}.role is {role!r}; expected one of {', '.join(sorted(ROLES))}")
+        out.append({"role": role, "content": _content(m.get("content"), line, f"{where}.content")})
+    return out
+
+
+def _content(v, line: int, where: str) -> str:
+    if isinstance(v, str):
+        return v
+    # OpenAI content parts: keep the text ones.
+    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in v):
+        return "".join(p["text"] for p in v)
+    raise RowError("invalid_field", f"line {line}: {where} must be a string or a list of text parts")

@@ -1,0 +1,72 @@
+"""Read-only reports: `status` of an output folder, `validate` of an input file.
+
+Owns: text for those two commands. Does not own: the commit protocol
+(checkpoint.py) or row rules (render.py; validate uses them without a model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from . import source
+from .checkpoint import MANIFEST, journal_rows, read_state
+from .errors import InputFileError, RowError
+from .job import JobSpec
+from .render import Renderer, raw_id
+from .stats import fmt_duration
+
+
+def job_status(folder: Path) -> str:
+    if not (folder / MANIFEST).exists():
+        raise InputFileError(f"{folder}: not an mlxbatch output folder (no {MANIFEST})")
+    manifest = orjson.loads((folder / MANIFEST).read_bytes())
+    state = read_state(folder)
+    done = journal_rows(folder)  # the journal is the truth; the state file may lag
+    total = state.get("rows_total", "?")
+    complete = state.get("complete", False) and done == total
+    secs = state.get("seconds", 0)
+    lines = [
+        f"folder:    {folder}",
+        f"input:     {manifest['input']['path']}",
+        f"model:     {manifest['model']['name']} ({manifest['model']['dtype']})",
+        f"rows:      {done:,} / {total:,} done" if isinstance(total, int) else f"rows:      {done:,} done",
+        f"errors:    {state.get('errors', 0):,} (see errors.jsonl)",
+        f"tokens:    {state.get('generated_tokens', 0):,} generated, {state.get('prompt_tokens', 0):,} prompt",
+        f"time:      {fmt_duration(secs)} over all runs, "
+        f"{state.get('generated_tokens', 0) / secs if secs else 0:,.1f} gen tok/s overall",
+        f"status:    {'complete' if complete else 'incomplete'}",
+    ]
+    if not complete:
+        lines.append(f"resume:    mlxbatch run {manifest['input']['path']} --output {folder} "
+                     "(with the same options as the first run)")
+    return "\n".join(lines)
+
+
+class _NoTokenizer:
+    chat_template = None
+
+
+def validate_input(path: Path, *, id_field: str, prompt_field: str, messages_field: str,
+                   max_problems: int) -> tuple[str, int]:
+    """Every row through the same rules a run applies, except token counts."""
+    spec = JobSpec(input=path, id_field=id_field, prompt_field=prompt_field, messages_field=messages_field)
+    renderer = Renderer(spec, None, context_length=1 << 62)
+    problems, shown, rows, seen = 0, [], 0, set()
+    for row in source.read_rows(path):
+        rows += 1
+        try:
+            renderer.render(row)
+            rid = raw_id(row, id_field)
+            if row.data and (id_field in row.data or "custom_id" in row.data):
+                if repr(rid) in seen:
+                    raise RowError("duplicate_id", f"line {row.line}: id {rid!r} appeared earlier in the input")
+                seen.add(repr(rid))
+        except RowError as err:
+            problems += 1
+            if len(shown) < max_problems:
+                shown.append(f"  {path}:{row.line}: [{err.code}] {err.message}")
+    head = f"{path}: {rows:,} rows, {problems:,} with problems"
+    more = [f"  ... and {problems - len(shown):,} more"] if problems > len(shown) else []
+    return "\n".join([head, *shown, *more]), problems

@@ -1,0 +1,227 @@
+"""`run_job(spec)`: wires source -> render -> engine -> sink + checkpoint.
+
+Owns: the main loop (feed the look-ahead window, step the engine, commit
+finished rows), duplicate-id detection, signal handling (first Ctrl-C/SIGTERM
+stops and commits, a second Ctrl-C exits at once), the manifest, the metrics
+log and the end-of-job Parquet export. Does not own: any stage's internals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import orjson
+
+from . import models, source
+from .checkpoint import ERRORS, RESULTS, Checkpoint, read_state
+from .engine import Engine, Request
+from .errors import InputFileError, Interrupted, MlxbatchError, RowError
+from .job import JobSpec
+from .render import Item, Renderer, raw_id, request_params
+from .sink import RecordMaker, write_parquet
+from .stats import JobStats
+
+STATE_FORMAT = "mlxbatch-state v1"
+_METRICS_SECONDS = 10.0
+
+
+@dataclass
+class _InFlight:
+    item: Item
+    done: list = field(default_factory=list)
+    remaining: int = 0
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM asks for a clean stop; a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.is_set = False
+
+    def handle(self, signum, frame) -> None:
+        if self.is_set and signum == signal.SIGINT:
+            os._exit(130)  # committed rows are already durable; the rest reruns
+        self.is_set = True
+
+
+@contextmanager
+def _signals(flag: _StopFlag):
+    old = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def build_manifest(spec: JobSpec, lm: models.LoadedModel) -> dict:
+    template = getattr(lm.tokenizer, "chat_template", None) or ""
+    return {
+        "input": source.fingerprint(spec.input),
+        "model": {"name": lm.name, "weights_sha256": lm.weights_hash, "dtype": lm.dtype},
+        "settings": spec.resume_settings(),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+    }
+
+
+def _check_columns(spec: JobSpec) -> None:
+    """A Parquet file without any usable column is a job-level error, not N row errors."""
+    if source.kind_of(spec.input) != "parquet":
+        return
+    cols = source.parquet_columns(spec.input)
+    usable = {spec.prompt_field, spec.messages_field, "custom_id", "body"}
+    if not usable & set(cols):
+        raise InputFileError(f"{spec.input}: no {spec.prompt_field!r}, {spec.messages_field!r} or OpenAI "
+                             f"'body' column (columns: {', '.join(cols)}); map one with --prompt-field")
+
+
+class JobLoop:
+    """One run over the input; `run()` returns when the input is done or a stop was asked."""
+
+    def __init__(self, spec: JobSpec, lm: models.LoadedModel, cp: Checkpoint, stats: JobStats,
+                 progress: Callable[[JobStats], None] | None):
+        self.spec, self.lm, self.cp, self.stats = spec, lm, cp, stats
+        self.progress = progress or (lambda s: None)
+        self.engine = Engine(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
+        self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
+        self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer)
+        self.window = max(4 * self.engine.max_batch, 256)
+        self.rows = source.read_rows(spec.input)
+        self.is_exhausted = False
+        self.seen: set[int] = set()
+        self.inflight: dict[int, _InFlight] = {}
+        self.stop = _StopFlag()
+        self.stats.engine = self.engine.stats
+        self._last_metrics = 0.0
+
+    def run(self) -> bool:
+        """True when every row has a record."""
+        with _signals(self.stop):
+            while not self.stop.is_set:
+                self._feed()
+                if not self.engine.has_work and self.is_exhausted:
+                    break
+                for c in self.engine.step():
+                    self._finish_sample(c)
+                self._tick()
+        self.commit()
+        return self.is_exhausted and not self.inflight and not self.stop.is_set
+
+    def _feed(self) -> None:
+        while not self.is_exhausted and self.engine.num_waiting < self.window and not self.stop.is_set:
+            row = next(self.rows, None)
+            if row is None:
+                self.is_exhausted = True
+                return
+            if self._is_duplicate(row) and not self.cp.is_done(row.index):
+                self._error(row, None, RowError("duplicate_id", f"line {row.line}: id "
+                            f"{raw_id(row, self.spec.id_field)!r} appeared earlier in the input"))
+                continue
+            if self.cp.is_done(row.index):
+                continue
+            self._admit(row)
+
+    def _is_duplicate(self, row: source.Row) -> bool:
+        rid = raw_id(row, self.spec.id_field)
+        if rid is None or (row.data and self.spec.id_field not in row.data and "custom_id" not in row.data):
+            return False  # line-derived ids are unique by construction
+        key = hash((type(rid).__name__, rid)) if isinstance(rid, (str, int)) else hash(repr(rid))
+        if key in self.seen:
+            return True
+        self.seen.add(key)
+        return False
+
+    def _admit(self, row: source.Row) -> None:
+        try:
+            item = self.renderer.render(row)
+        except RowError as err:
+            self._error(row, None, err)
+            return
+        self.inflight[row.index] = _InFlight(item, [None] * item.n, item.n)
+        for s in range(item.n):
+            self.engine.add(Request((row.index, s), item.tokens, request_params(item, s)))
+
+    def _error(self, row: source.Row, item: Item | None, err: RowError) -> None:
+        rid = raw_id(row, self.spec.id_field)
+        is_openai = bool(row.data and ("custom_id" in row.data or "body" in row.data))
+        record = self.maker.error(line=row.line, rid=rid if isinstance(rid, (str, int)) else None, code=err.code,
+                                  message=err.message, custom_id=rid if is_openai and isinstance(rid, str) else None,
+                                  is_openai=is_openai)
+        self.cp.add(row.index, ERRORS, record)
+        self.stats.done_now += 1
+        self.stats.errors += 1
+
+    def _finish_sample(self, c) -> None:
+        index, sample = c.key
+        slot = self.inflight[index]
+        slot.done[sample] = c
+        slot.remaining -= 1
+        if slot.remaining == 0:
+            del self.inflight[index]
+            self.cp.add(index, RESULTS, self.maker.records(slot.item, slot.done))
+            self.stats.done_now += 1
+
+    def _tick(self) -> None:
+        self.stats.sample()
+        now = time.monotonic()
+        if now - self.cp.last_commit >= self.spec.commit_seconds:
+            self.commit()
+        if now - self._last_metrics >= _METRICS_SECONDS:
+            self._last_metrics = now
+            with open(self.cp.folder / "metrics.jsonl", "ab") as f:  # best effort, not fsynced
+                f.write(orjson.dumps(self.stats.snapshot(), option=orjson.OPT_APPEND_NEWLINE))
+        self.progress(self.stats)
+
+    def commit(self, *, complete: bool = False) -> None:
+        prev = getattr(self, "_prev_state", None)
+        if prev is None:
+            prev = self._prev_state = read_state(self.cp.folder)
+        s = self.stats
+        state = {
+            "format": STATE_FORMAT, "rows_done": self.cp.num_done, "rows_total": s.total_rows,
+            "errors": self.cp.num_errors, "complete": complete,
+            "generated_tokens": prev.get("generated_tokens", 0) + s.engine.generated_tokens,
+            "prompt_tokens": prev.get("prompt_tokens", 0) + s.engine.prompt_tokens,
+            "seconds": round(prev.get("seconds", 0) + s.elapsed, 2),
+            "gen_tok_s_last_run": round(s.gen_tps_avg, 1), "model": s.model, "device": s.device,
+        }
+        self.cp.commit(state)
+
+
+def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None,
+            resume_hint: str = "") -> JobStats:
+    """Run (or resume) a job to completion; raises Interrupted after a clean stop."""
+    source.check_readable(spec.input)
+    source.kind_of(spec.input)
+    _check_columns(spec)
+    lm = models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos)
+    cp = Checkpoint.open(spec.output_dir, build_manifest(spec, lm), restart=spec.restart)
+    stats = JobStats(total_rows=source.count_rows(spec.input), done_before=cp.num_done, errors=cp.num_errors,
+                     model=lm.name, device=f"{models.backend()} {mx.default_device()} {lm.dtype}",
+                     output=str(spec.output_dir))
+    loop = JobLoop(spec, lm, cp, stats, progress)
+    try:
+        complete = loop.run()
+        if complete:
+            loop.commit(complete=True)
+            if spec.parquet:
+                write_parquet(cp.folder)
+    except MlxbatchError:
+        raise
+    except Exception:
+        loop.commit()  # keep what finished before an unexpected failure
+        raise
+    finally:
+        cp.close()
+    if not complete:
+        raise Interrupted(f"stopped: {cp.num_done:,}/{stats.total_rows:,} rows committed in {cp.folder}.\n"
+                          f"resume with: {resume_hint or 'the same command'}")
+    return stats
