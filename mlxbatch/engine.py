@@ -185,7 +185,7 @@ class Engine:
     def _decode(self, tokens: mx.array):
         self._cache.layout.begin(mx.ones((len(self._rows), 1), dtype=mx.bool_))
         logits = forward_last(self.model, tokens[:, None], self._cache)
-        sampled, logprobs = sample(logits, self._params)
+        sampled, logprobs = sample(logits, self._params, with_logprobs=self._wants_logprobs)
         self._params.counter = self._params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.async_eval(sampled, *(extra or ()))
@@ -335,7 +335,7 @@ class Engine:
         rows = [_Row(r, len(r.tokens), logprobs=[] if r.params.logprobs is not None else None)
                 for r in unit.requests]
         params = RowParams.build([r.params for r in unit.requests])
-        sampled, logprobs = sample(logits, params)
+        sampled, logprobs = sample(logits, params, with_logprobs=self._wants_logprobs)
         params.counter = params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.eval(sampled, *cache.arrays(), *(extra or ()))

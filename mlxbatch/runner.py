@@ -197,12 +197,12 @@ class JobLoop:
 
 
 def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None,
-            resume_hint: str = "") -> JobStats:
+            resume_hint: str = "", lm: models.LoadedModel | None = None) -> JobStats:
     """Run (or resume) a job to completion; raises Interrupted after a clean stop."""
     source.check_readable(spec.input)
     source.kind_of(spec.input)
     _check_columns(spec)
-    lm = models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos)
+    lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos)
     cp = Checkpoint.open(spec.output_dir, build_manifest(spec, lm), restart=spec.restart)
     stats = JobStats(total_rows=source.count_rows(spec.input), done_before=cp.num_done, errors=cp.num_errors,
                      model=lm.name, device=f"{models.backend()} {mx.default_device()} {lm.dtype}",

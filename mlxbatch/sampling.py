@@ -91,14 +91,19 @@ def _filter(scaled: mx.array, p: RowParams) -> mx.array:
     return mx.where((p.min_p[:, None] > 0) & (scaled < floor), _NEG_INF, scaled)
 
 
-def sample(logits: mx.array, p: RowParams) -> tuple[mx.array, mx.array]:
-    """Next token per row and the log-probabilities [B, vocab] it was drawn from."""
+def sample(logits: mx.array, p: RowParams, *, with_logprobs: bool = False) -> tuple[mx.array, mx.array | None]:
+    """Next token per row, and the log-probabilities [B, vocab] when asked for.
+
+    Normalising costs a pass over the vocabulary (more than the projection on a
+    CPU with a small model), and argmax, Gumbel-max, top-k and min-p are all
+    shift-invariant, so it is skipped unless logprobs are wanted.
+    """
     logits = logits.astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    greedy = mx.argmax(logprobs, axis=-1)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if with_logprobs else None
+    greedy = mx.argmax(logits, axis=-1)
     if not p.is_sampled:
         return greedy, logprobs
     temp = mx.where(p.temperature > 0, p.temperature, 1.0)
-    scaled = _filter(logprobs / temp[:, None], p)
+    scaled = _filter(logits / temp[:, None], p)
     drawn = mx.argmax(scaled + gumbel_noise(p.seed, p.counter, logits.shape[-1]), axis=-1)
     return mx.where(p.temperature > 0, drawn, greedy), logprobs

@@ -1,0 +1,200 @@
+"""`mlxbatch bench`: named workloads through mlxbatch and peers, in one process.
+
+Owns: the workloads (parallm-325, shared-prefix, mixed-lengths, long-outputs),
+running them through `run_job` (the same path as `mlxbatch run`), through
+mlx-lm's `batch_generate`, and through HF transformers static batching where
+torch is installed; the result table. Does not own: any engine code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import orjson
+
+from . import models
+from .errors import UsageError
+from .job import JobSpec
+from .scheduler import common_prefix, token_key
+
+_WORDS = ("river stone market winter signal garden copper lantern orbit meadow harbor engine velvet "
+          "thunder pocket marble glacier violet compass ember canyon willow beacon quartz saddle").split()
+
+
+def _parallm(n: int | None):
+    pairs = [(a, b) for i, a in enumerate(string.ascii_uppercase) for b in string.ascii_uppercase[i + 1:]]
+    pairs = pairs[: n or len(pairs)]
+    return [[{"role": "user", "content": f"Think of a real word containing both the letters {a} and {b}. "
+              "Then, say 3 sentences which use the word."}] for a, b in pairs], 100
+
+
+def _document(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+def _shared_prefix(n: int | None):
+    rng = random.Random(0)
+    docs = [_document(rng, 1400) for _ in range(4)]  # ~1,500 tokens each
+    n = n or 256
+    return [[{"role": "user", "content": f"Document:\n{docs[i % 4]}\n\nQuestion {i}: which words appear most "
+              f"often after '{rng.choice(_WORDS)}'?"}] for i in range(n)], 64
+
+
+def _mixed_lengths(n: int | None):
+    rng = random.Random(1)
+    n = n or 128
+    # Log-uniform 16..4096 tokens (one word ~ one token here).
+    lengths = [int(2 ** rng.uniform(4, 12)) for _ in range(n)]
+    return [[{"role": "user", "content": _document(rng, k)}] for k in lengths], 64
+
+
+def _long_outputs(n: int | None):
+    return [[{"role": "user", "content": f"Write a long story number {i} about a lighthouse keeper."}]
+            for i in range(n or 64)], 1024
+
+
+WORKLOADS = {"parallm-325": _parallm, "shared-prefix": _shared_prefix,
+             "mixed-lengths": _mixed_lengths, "long-outputs": _long_outputs}
+
+
+def unique_prompt_tokens(prompts: list[list[int]]) -> int:
+    """Tokens in the prefix tree of all prompts (what perfect prefix sharing computes)."""
+    keys = sorted(token_key(p) for p in prompts)
+    return sum(len(k) // 4 - (common_prefix(k, prev) if prev else 0) for prev, k in zip([None, *keys], keys))
+
+
+class _NoEos:
+    """A tokenizer view without EOS, so a peer also makes exactly max_tokens."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.eos_token_ids = []
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def _run_mlxbatch(lm, messages, max_tokens: int, batch: int) -> dict:
+    from .runner import run_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.jsonl"
+        path.write_bytes(b"".join(orjson.dumps({"id": i, "messages": m}) + b"\n" for i, m in enumerate(messages)))
+        spec = JobSpec(input=path, output=Path(tmp) / "out", model=lm.name, max_tokens=max_tokens,
+                       batch_size=batch, commit_seconds=5.0).validate()
+        t = time.perf_counter()
+        stats = run_job(spec, lm=lm)
+        secs = time.perf_counter() - t
+    e = stats.engine
+    return {"tokens": e.generated_tokens, "seconds": secs, "prompt_computed": e.prompt_computed,
+            "prompt_total": e.prompt_tokens}
+
+
+def _run_mlx_lm(lm, prompts, max_tokens: int, batch: int) -> dict:
+    from mlx_lm import batch_generate
+
+    tok = _NoEos(lm.tokenizer) if not lm.eos_token_ids else lm.tokenizer
+    t = time.perf_counter()
+    out = batch_generate(lm.model, tok, prompts, max_tokens=max_tokens, completion_batch_size=batch,
+                         prefill_batch_size=min(batch, 64), return_token_ids=True)
+    secs = time.perf_counter() - t
+    tokens = sum(len([x for x in ids if x not in lm.eos_token_ids]) for ids in out.token_ids)
+    return {"tokens": tokens, "seconds": secs}
+
+
+def _run_hf(lm, prompts, max_tokens: int, batch: int) -> dict | None:
+    """HF transformers, static batches, bf16 on CUDA, with the same weights."""
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    from mlx.utils import tree_flatten
+
+    if lm.model.model_type != "llama":
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args = vars(lm.model.args)
+    config = LlamaConfig(**{k: v for k, v in args.items() if k in LlamaConfig().to_dict() or k == "head_dim"})
+    hf = LlamaForCausalLM(config).to(dtype)
+    import numpy as np
+
+    weights = {k: torch.from_numpy(np.array(v.astype(mx.float32))).to(dtype) for k, v in tree_flatten(lm.model.parameters())}
+    hf.load_state_dict(weights, strict=False)
+    hf = hf.to(device).eval()
+    pad = 0
+    eos = sorted(lm.eos_token_ids) or None
+    tokens, t = 0, time.perf_counter()
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                              eos_token_id=eos, pad_token_id=pad, min_new_tokens=0 if eos else max_tokens)
+        new = out[:, width:].tolist()
+        tokens += sum(len(r[: r.index(eos[0])] if eos and eos[0] in r else r) for r in new)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"tokens": tokens, "seconds": time.perf_counter() - t}
+
+
+def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts: int | None,
+              batch_size: int | None, dtype: str, peers: list[str], as_json: bool) -> str:
+    if workload not in WORKLOADS:
+        raise UsageError(f"unknown workload {workload!r} (workloads: {', '.join(WORKLOADS)})")
+    messages, default_tokens = WORKLOADS[workload](num_prompts)
+    max_tokens = max_tokens or default_tokens
+    lm = models.load(model, dtype=dtype)
+    prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in messages]
+    batch = batch_size or min(len(prompts), 512)
+    _run_mlxbatch(lm, messages[:4], 4, 4)  # warm-up: kernels compiled, weights resident
+    results = {"mlxbatch": _run_mlxbatch(lm, messages, max_tokens, batch)}
+    if "mlx-lm" in peers:
+        results["mlx-lm batch_generate"] = _run_mlx_lm(lm, prompts, max_tokens, batch)
+    if "hf" in peers:
+        try:
+            hf = _run_hf(lm, prompts, max_tokens, batch)
+        except Exception as exc:  # a peer failing must not hide our own numbers
+            print(f"mlxbatch bench: HF transformers peer failed: {exc!r}", file=sys.stderr)
+            hf = None
+        if hf is not None:
+            results["hf transformers (static)"] = hf
+    return _report(workload, lm, prompts, max_tokens, batch, results, as_json)
+
+
+def _report(workload, lm, prompts, max_tokens, batch, results, as_json) -> str:
+    for r in results.values():
+        r["tok_s"] = r["tokens"] / r["seconds"]
+    ours = results["mlxbatch"]
+    peer = results.get("mlx-lm batch_generate")
+    summary = {
+        "workload": workload, "model": lm.name, "dtype": lm.dtype, "device": f"{models.backend()} {mx.default_device()}",
+        "device_info": mx.device_info(), "num_prompts": len(prompts), "max_tokens": max_tokens, "batch_size": batch,
+        "mlxbatch_tok_s": round(ours["tok_s"], 1), "mlx_lm_tok_s": round(peer["tok_s"], 1) if peer else None,
+        "ratio": round(ours["tok_s"] / peer["tok_s"], 2) if peer else None,
+        "prompt_tokens_total": ours["prompt_total"], "prompt_tokens_computed": ours["prompt_computed"],
+        "prompt_tokens_unique": unique_prompt_tokens(prompts),
+        "versions": {"mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__},
+        "results": results,
+    }
+    if as_json:
+        return json.dumps(summary, default=str)
+    lines = [f"workload {workload}: {len(prompts)} prompts, max_tokens {max_tokens}, batch {batch}, "
+             f"model {lm.name} ({lm.dtype}) on {summary['device']}",
+             f"prompt tokens: {ours['prompt_total']:,} total, {summary['prompt_tokens_unique']:,} unique, "
+             f"{ours['prompt_computed']:,} computed by mlxbatch",
+             f"{'engine':28s} {'tokens':>9s} {'seconds':>9s} {'tok/s':>10s} {'mlxbatch is':>12s}"]
+    for name, r in results.items():
+        ratio = "" if name == "mlxbatch" else f"{ours['tok_s'] / r['tok_s']:.2f}x"
+        lines.append(f"{name:28s} {r['tokens']:>9,} {r['seconds']:>9.2f} {r['tok_s']:>10,.1f} {ratio:>12s}")
+    return "\n".join(lines)
