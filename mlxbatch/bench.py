@@ -24,6 +24,7 @@ from .errors import UsageError
 from .job import JobSpec
 from .scheduler import common_prefix, token_key
 
+_WARMUP_TOKENS = 8
 _WORDS = ("river stone market winter signal garden copper lantern orbit meadow harbor engine velvet "
           "thunder pocket marble glacier violet compass ember canyon willow beacon quartz saddle").split()
 
@@ -130,9 +131,18 @@ def _run_hf(lm, prompts, max_tokens: int, batch: int) -> dict | None:
     weights = {k: torch.from_numpy(np.array(v.astype(mx.float32))).to(dtype) for k, v in tree_flatten(lm.model.parameters())}
     hf.load_state_dict(weights, strict=False)
     hf = hf.to(device).eval()
-    pad = 0
+    _hf_generate(hf, prompts[:batch], _WARMUP_TOKENS, device, eos=None)  # warm-up, untimed
     eos = sorted(lm.eos_token_ids) or None
-    tokens, t = 0, time.perf_counter()
+    t = time.perf_counter()
+    tokens = _hf_generate(hf, prompts, max_tokens, device, eos=eos, batch=batch)
+    return {"tokens": tokens, "seconds": time.perf_counter() - t}
+
+
+def _hf_generate(hf, prompts, max_tokens: int, device: str, *, eos, batch: int | None = None) -> int:
+    """Greedy static batches, left-padded; returns generated tokens before EOS."""
+    import torch
+
+    batch, pad, tokens = batch or len(prompts), 0, 0
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         width = max(len(p) for p in chunk)
@@ -145,7 +155,7 @@ def _run_hf(lm, prompts, max_tokens: int, batch: int) -> dict | None:
         tokens += sum(len(r[: r.index(eos[0])] if eos and eos[0] in r else r) for r in new)
     if device == "cuda":
         torch.cuda.synchronize()
-    return {"tokens": tokens, "seconds": time.perf_counter() - t}
+    return tokens
 
 
 def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts: int | None,
@@ -157,9 +167,12 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
     lm = models.load(model, dtype=dtype)
     prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in messages]
     batch = batch_size or min(len(prompts), 512)
-    _run_mlxbatch(lm, messages[:4], 4, 4)  # warm-up: kernels compiled, weights resident
+    # Each system first runs the whole prompt set for a few tokens, untimed: GPU
+    # kernels are compiled per shape on first use and must not count against anyone.
+    _run_mlxbatch(lm, messages, _WARMUP_TOKENS, batch)
     results = {"mlxbatch": _run_mlxbatch(lm, messages, max_tokens, batch)}
     if "mlx-lm" in peers:
+        _run_mlx_lm(lm, prompts, _WARMUP_TOKENS, batch)
         results["mlx-lm batch_generate"] = _run_mlx_lm(lm, prompts, max_tokens, batch)
     if "hf" in peers:
         try:
