@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import time
+import zlib
 from pathlib import Path
 
 import orjson
@@ -28,8 +29,22 @@ JOURNAL = "done.idx"
 MANIFEST = "manifest.json"
 STATE = "checkpoint.json"
 MANIFEST_FORMAT = "mlxbatch-manifest v1"
-_ENTRY = struct.Struct("<QQ")  # row index, file id << 62 | end offset
+_ENTRY = struct.Struct("<QQI")  # row index, file id << 62 | end offset, crc32 of both
 _OFFSET_MASK = (1 << 62) - 1
+
+
+def _crc(row: int, packed: int) -> int:
+    return zlib.crc32(struct.pack("<QQ", row, packed))
+
+
+def _until_bad_crc(entries: list) -> list:
+    """Entries before the first one whose checksum fails (junk after a crash)."""
+    out = []
+    for row, packed, crc in entries:
+        if crc != _crc(row, packed):
+            break
+        out.append((row, packed))
+    return out
 
 
 def fsync(fd: int) -> None:
@@ -102,6 +117,7 @@ class Checkpoint:
         raw = journal.read_bytes() if journal.exists() else b""
         sizes = [(self.folder / f).stat().st_size if (self.folder / f).exists() else 0 for f in FILES]
         entries = [_ENTRY.unpack_from(raw, i) for i in range(0, len(raw) - len(raw) % _ENTRY.size, _ENTRY.size)]
+        entries = _until_bad_crc(entries)
         kept = self._valid_prefix(entries, sizes)
         for fid, name in enumerate(FILES):
             path = self.folder / name
@@ -139,9 +155,11 @@ class Checkpoint:
             with open(self.folder / FILES[fid], "rb") as f:
                 f.seek(start)
                 blob = f.read(ends[-1] - start)
+            if not blob.endswith(b"\n"):
+                return False
             try:
-                if not blob.endswith(b"\n") or not all(orjson.loads(x) for x in blob.splitlines()):
-                    return False
+                for line in blob.splitlines():
+                    orjson.loads(line)
             except orjson.JSONDecodeError:
                 return False
         return True
@@ -178,7 +196,8 @@ class Checkpoint:
         entries = bytearray()
         for row, fid, record in self._pending:
             self._ends[fid] += len(record)
-            entries += _ENTRY.pack(row, (fid << 62) | self._ends[fid])
+            packed = (fid << 62) | self._ends[fid]
+            entries += _ENTRY.pack(row, packed, _crc(row, packed))
         try:
             for fid, handle in enumerate(self._handles):
                 blob = b"".join(r for _, f, r in self._pending if f == fid) if entries else b""

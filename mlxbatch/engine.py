@@ -88,7 +88,7 @@ class _Row:
 
 def _default_kv_bytes() -> int:
     info = mx.device_info()
-    total = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = info.get("memory_size") or info.get("total_memory") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(total * 0.4)
 
 

