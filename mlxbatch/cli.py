@@ -143,6 +143,29 @@ def bench(
         _fail(err)
 
 
+@app.command("export")
+def export_cmd(
+    folder: Path = typer.Argument(..., help="a finished job's output folder"),
+    fmt: str = typer.Option("chat", "--format", help="chat | completions | text"),
+    split: str = typer.Option("0.9,0.1", "--split", help="train,valid[,test] fractions"),
+    to: Path = typer.Option(Path("data"), "--to", help="folder for train.jsonl / valid.jsonl"),
+    drop_truncated: bool = typer.Option(False, "--drop-truncated", help="drop outputs that hit max_tokens"),
+    dedupe: bool = typer.Option(False, "--dedupe", help="drop exact duplicates"),
+    seed: int = typer.Option(0, "--seed", help="shuffle seed"),
+    parquet: bool = typer.Option(False, "--parquet", help="also write .parquet files"),
+) -> None:
+    """Write train/valid files that mlx-lm's LoRA trainer (and TRL) read as they are."""
+    from .export import export
+
+    try:
+        info = export(folder, fmt=fmt, split=split, to=to, drop_truncated=drop_truncated, dedupe=dedupe,
+                      seed=seed, parquet=parquet)
+    except MlxbatchError as err:
+        _fail(err)
+    typer.echo(f"wrote {to}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "dropped")
+               + f"; dropped {info['dropped']}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Models in the cache."""

@@ -64,8 +64,11 @@ class RecordMaker:
                    "completion": c.text}
         else:  # text: the exact prompt the model saw, then its output
             rec = {"text": self.tokenizer.decode(item.tokens) + c.text}
-        if fmt != "results" and item.n > 1:
-            rec["sample"] = sample
+        if fmt != "results":
+            # Bookkeeping for `mlxbatch export` (which strips it): trainers ignore extra keys.
+            rec["finish_reason"] = c.finish_reason
+            if item.n > 1:
+                rec["sample"] = sample
         return {**rec, **item.kept}
 
     # ------------------------------------------------------------ OpenAI shapes

@@ -1,0 +1,114 @@
+"""Models: the embedded default, GGUF import, tokenizer fidelity, presets, dtype."""
+
+import gzip
+import json
+import os
+
+import jinja2
+import jinja2.sandbox
+import mlx.core as mx
+import pytest
+from typer.testing import CliRunner
+
+from mlxbatch import gguf, models
+from mlxbatch.cli import app
+from mlxbatch.errors import ModelError
+
+CORPUS = [
+    "Hello, world! 12345 and 3.14159 or 2026-11-21.",
+    "Unicode: café, naïve, 東京, Ελληνικά, русский, עברית.",
+    "Emoji: 🚀🔥👍🏽 family: 👨‍👩‍👧‍👦 flags 🇫🇷",
+    "  leading spaces, tabs\tand\nnewlines\n\n",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>",
+    "def f(x):\n    return x ** 2  # code",
+]
+
+
+def test_random_tiny_loads_and_ignores_eos(tiny):
+    assert tiny.is_random and tiny.eos_token_ids == set() and tiny.dtype == "fp32"
+    assert tiny.model.args.hidden_size <= 128
+
+
+def test_unknown_model_and_preset():
+    with pytest.raises(ModelError, match="unknown random preset"):
+        models.load("random:nope")
+    with pytest.raises(ModelError, match="unknown model"):
+        models.local_path("definitely/not/a/thing.bin")
+
+
+def test_dtype_auto_per_backend():
+    assert models.resolve_dtype("auto") == {"cpu": "fp32", "cuda": "bf16", "metal": "native"}[models.backend()]
+
+
+def test_unsupported_gguf_architecture_is_a_clear_error(tmp_path):
+    path = tmp_path / "fake.gguf"
+    mx.save_gguf(str(path), {"token_embd.weight": mx.zeros((4, 4))},
+                 {"general.architecture": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "c", "d"]})
+    with pytest.raises(ModelError, match="architecture 'gpt2' is not supported"):
+        models.import_gguf(path)
+
+
+@pytest.mark.realmodel
+def test_default_model_answers_paris(smol):
+    from mlx_lm import generate
+
+    prompt = smol.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                add_generation_prompt=True)
+    assert "Paris" in generate(smol.model, smol.tokenizer, prompt, max_tokens=20)
+
+
+@pytest.mark.realmodel
+def test_default_model_via_cli_answers_paris(tmp_path, smol):
+    src = tmp_path / "q.jsonl"
+    src.write_text(json.dumps({"id": "q", "prompt": "What is the capital of France?"}) + "\n")
+    res = CliRunner().invoke(app, ["run", str(src), "-o", str(tmp_path / "o"), "--max-tokens", "20", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "Paris" in json.loads((tmp_path / "o" / "results.jsonl").read_text())["output"]
+
+
+@pytest.mark.realmodel
+def test_second_load_does_not_convert_and_conversion_is_deterministic(smol, tmp_path):
+    folder = models.pull("smollm2-135m")
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert models.pull("smollm2-135m") == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    src = tmp_path / "m.gguf"
+    spec = models.BUILTINS["smollm2-135m"]
+    src = models._download_builtin(spec, tmp_path)
+    gguf.convert_gguf(src, tmp_path / "a", source_sha256="x")
+    gguf.convert_gguf(src, tmp_path / "b", source_sha256="x")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (tmp_path / "a" / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+@pytest.mark.realmodel
+def test_tokenizer_round_trip_and_matches_shipped_asset(smol):
+    tok = smol.tokenizer
+    for text in CORPUS:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert tok.encode("2026", add_special_tokens=False) == [tok.encode(d, add_special_tokens=False)[0] for d in "2026"]
+    asset = json.loads(gzip.decompress((models.Path(models.__file__).parent / "assets" / "smollm2-tokenizer.json.gz").read_bytes()))
+    folder = models.pull("smollm2-135m")
+    assert json.loads(asset["tokenizer.json"]) == json.loads((folder / "tokenizer.json").read_text())
+
+
+@pytest.mark.realmodel
+def test_chat_template_equals_gguf_rendering(smol):
+    folder = models.pull("smollm2-135m")
+    template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+    for msgs in (messages, messages[1:2]):
+        ours = smol.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        ref = env.from_string(template).render(messages=msgs, add_generation_prompt=True,
+                                               bos_token="<|im_start|>", eos_token="<|im_end|>")
+        assert ours == ref
+
+
+def test_models_cli_list_and_info():
+    r = CliRunner().invoke(app, ["models", "list"])
+    assert r.exit_code == 0 and "random:tiny" in r.output
+    r = CliRunner().invoke(app, ["models", "info", "random:tiny"])
+    assert r.exit_code == 0 and "hidden_size: 128" in r.output
