@@ -123,6 +123,16 @@ def _spawn(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
+def _wait_started(out, p, timeout=120):
+    """Until the job has committed something (model loaded, loop running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and p.poll() is None:
+        if (out / "done.idx").exists() and (out / "done.idx").stat().st_size > 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("job did not start")
+
+
 def _big_input(tmp_path, n=150):
     rows = [{"id": f"k{i}", "prompt": f"Row {i}: " + "word " * (i % 13)} for i in range(n)]
     return write_jsonl(tmp_path / "big.jsonl", rows)
@@ -161,7 +171,7 @@ def test_kill_loop_resumes_exactly(tmp_path):
 def test_signal_commits_and_exits_130(tmp_path, sig):
     src, out = _big_input(tmp_path, 300), tmp_path / "out"
     p = _spawn(_job_args(src, out))
-    time.sleep(5)
+    _wait_started(out, p)
     p.send_signal(sig)
     t = time.monotonic()
     text = p.communicate(timeout=30)[0].decode()
@@ -176,7 +186,7 @@ def test_signal_commits_and_exits_130(tmp_path, sig):
 def test_double_sigint_exits_at_once_and_resumes(tmp_path):
     src, out = _big_input(tmp_path, 200), tmp_path / "out"
     p = _spawn(_job_args(src, out))
-    time.sleep(5)
+    _wait_started(out, p)
     p.send_signal(signal.SIGINT)
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=30)
