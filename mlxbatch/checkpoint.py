@@ -58,6 +58,13 @@ def fsync(fd: int) -> None:
     os.fsync(fd)
 
 
+def append(handle, blob: bytes) -> None:
+    """Write, flush and fsync: one durable append (a seam the fault-injection tests patch)."""
+    handle.write(blob)
+    handle.flush()
+    fsync(handle.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -202,13 +209,9 @@ class Checkpoint:
             for fid, handle in enumerate(self._handles):
                 blob = b"".join(r for _, f, r in self._pending if f == fid) if entries else b""
                 if blob:
-                    handle.write(blob)
-                    handle.flush()
-                    fsync(handle.fileno())
+                    append(handle, blob)
             if entries:
-                self._journal.write(entries)
-                self._journal.flush()
-                fsync(self._journal.fileno())
+                append(self._journal, bytes(entries))
             if state is not None:
                 write_atomic(self.folder / STATE, orjson.dumps(state, option=orjson.OPT_INDENT_2))
         except OSError as exc:

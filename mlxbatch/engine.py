@@ -24,7 +24,7 @@ from .scheduler import Scheduler, Unit, common_prefix, token_key
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_PREFIX_CACHE_GB = 1.0
-_COMPACT_FRACTION = 0.25  # drop finished rows once they are this share of the batch
+_COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
@@ -81,9 +81,14 @@ class EngineStats:
 class _Row:
     request: Request
     prompt_len: int
+    limit: int  # tokens it may generate: max_tokens, capped by the context
     generated: list = field(default_factory=list)
     logprobs: list | None = None
     is_alive: bool = True
+
+    @property
+    def has_stop(self) -> bool:
+        return bool(self.request.params.stop)
 
 
 def _default_kv_bytes() -> int:
@@ -143,6 +148,7 @@ class Engine:
         self._next: tuple[mx.array, mx.array | None] | None = None  # sampled, not yet read
         self._filling = None  # a unit mid-prefill: (unit, cache, tokens, valid, done_cols)
         self._wants_logprobs = False
+        self._num_alive = 0
 
     # ------------------------------------------------------------ public API
     def add(self, request: Request) -> None:
@@ -156,7 +162,7 @@ class Engine:
 
     @property
     def num_active(self) -> int:
-        return sum(r.is_alive for r in self._rows)
+        return self._num_alive
 
     @property
     def has_work(self) -> bool:
@@ -180,6 +186,7 @@ class Engine:
         """Forget everything in flight (after an interrupt)."""
         self._cache, self._rows, self._params, self._next, self._filling = None, [], None, None, None
         self.scheduler = Scheduler()
+        self._num_alive = 0
 
     # ------------------------------------------------------------ decode
     def _decode(self, tokens: mx.array):
@@ -200,39 +207,39 @@ class Engine:
         return chosen, top, mx.take_along_axis(logprobs, top, axis=-1)
 
     def _absorb(self, current) -> list[Completion]:
+        """Append each live row's new token; finish rows on EOS, stop string or limit.
+
+        A hot loop (once per step over every row): kept flat on purpose.
+        """
         tokens = current[0].tolist()
         lps = [a.tolist() for a in current[1]] if current[1] is not None else None
-        done = []
-        for i, row in enumerate(self._rows):
+        eos, done, appended = self._eos, [], 0
+        for i, (row, token) in enumerate(zip(self._rows, tokens)):
             if not row.is_alive:
                 continue
-            if lps is not None and row.request.params.logprobs is not None:
-                self._record_logprob(row, tokens[i], lps, i)
-            reason = self._push(row, tokens[i])
+            if lps is not None and row.logprobs is not None and token not in eos:
+                self._record_logprob(row, token, lps, i)
+            reason = None
+            if token in eos:
+                reason = "stop"
+            else:
+                row.generated.append(token)
+                appended += 1
+                if row.has_stop and self._hits_stop(row):
+                    reason = "stop"
+                elif len(row.generated) >= row.limit:
+                    reason = "length"
             if reason:
                 row.is_alive = False
                 done.append(self._complete(row, reason))
+        self.stats.generated_tokens += appended
+        self._num_alive -= len(done)
         return done
 
     def _record_logprob(self, row: _Row, token: int, lps: list, i: int) -> None:
         n = row.request.params.logprobs
         top = sorted(zip(lps[1][i], lps[2][i]), key=lambda t: -t[1])[:n] if n else []
         row.logprobs.append((token, lps[0][i], top))
-
-    def _push(self, row: _Row, token: int) -> str | None:
-        """Append one sampled token; the finish reason if the row is done."""
-        if token in self._eos:
-            if row.logprobs:
-                row.logprobs.pop()  # the EOS token is not part of the output
-            return "stop"
-        row.generated.append(token)
-        self.stats.generated_tokens += 1
-        params = row.request.params
-        if params.stop and self._hits_stop(row):
-            return "stop"
-        if len(row.generated) >= params.max_tokens or row.prompt_len + len(row.generated) >= self.lm.context_length:
-            return "length"
-        return None
 
     def _hits_stop(self, row: _Row) -> bool:
         longest = max(len(s) for s in row.request.params.stop)
@@ -258,7 +265,7 @@ class Engine:
             self._cache, self._rows, self._params, self._next = None, [], None, None
             return
         index = mx.array(keep, dtype=mx.int32)
-        self._cache.keep(keep)
+        self._cache.keep(keep, trim=force)
         self._params = self._params.take(index)
         sampled, extra = self._next
         self._next = (sampled[index], tuple(a[index] for a in extra) if extra else None)
@@ -332,8 +339,9 @@ class Engine:
 
     def _join(self, unit: Unit, cache: BatchCache, logits: mx.array) -> None:
         """Sample the unit's first tokens and merge it into the running batch."""
-        rows = [_Row(r, len(r.tokens), logprobs=[] if r.params.logprobs is not None else None)
-                for r in unit.requests]
+        ctx = self.lm.context_length
+        rows = [_Row(r, len(r.tokens), min(r.params.max_tokens, ctx - len(r.tokens)),
+                     logprobs=[] if r.params.logprobs is not None else None) for r in unit.requests]
         params = RowParams.build([r.params for r in unit.requests])
         sampled, logprobs = sample(logits, params, with_logprobs=self._wants_logprobs)
         params.counter = params.counter + 1
@@ -342,11 +350,13 @@ class Engine:
         self._compact(force=True)
         if not self._rows:
             self._cache, self._params, self._rows, self._next = cache, params, rows, (sampled, extra)
+            self._num_alive = len(rows)
             return
         self._cache.merge(cache)
         self._params = self._params.concat(params)
         self._next = (mx.concatenate([self._next[0], sampled]), _concat_extra(self._next[1], extra, len(self._rows)))
         self._rows = self._rows + rows
+        self._num_alive += len(rows)
 
     def _prefix_kv(self, prefix: list[int]) -> list:
         """KV of a prompt prefix for batch 1, from the LRU or computed (and cached)."""

@@ -127,12 +127,13 @@ class BatchCache:
         """Row 0's keys/values of every layer (for the prefix cache)."""
         return [tuple(x[:1] for x in c.used()) for c in self.layers]
 
-    def keep(self, rows: list[int]) -> None:
-        """Drop every row not listed, then the leading columns no row uses."""
+    def keep(self, rows: list[int], *, trim: bool = False) -> None:
+        """Drop every row not listed; with `trim`, also the leading columns no row uses
+        (that reads a value back from the device, so only where a sync happens anyway)."""
         index = mx.array(rows, dtype=mx.int32)
         lay = self.layout
         valid = lay.valid[index]
-        first = int(mx.argmax(valid.any(axis=0)).item()) if lay.idx else 0
+        first = int(mx.argmax(valid.any(axis=0)).item()) if trim and lay.idx else 0
         lay.valid = valid[:, first:]
         lay.offset = lay.offset[index]
         for c in self.layers:

@@ -28,7 +28,7 @@ class Item:
     line: int
     id: str
     kind: str  # "prompt" | "chat" | "openai-chat" | "openai-completion"
-    tokens: list
+    tokens: list | None  # None until render_many tokenizes
     params: SamplingParams  # seed filled per sample by `request_params`
     n: int = 1
     messages: list | None = None
@@ -120,24 +120,52 @@ class Renderer:
         return self._item(row, cid, "openai-completion", body, prompt=prompt, custom_id=cid, model_field=model_field)
 
     def _item(self, row: Row, rid: str, kind: str, overrides: dict, *, messages=None, prompt=None, **extra) -> Item:
+        """An item without tokens yet: `render_many` tokenizes a whole batch of them at once."""
         params, n = self._params(overrides, row.line, kind.startswith("openai"))
-        tokens = self._tokens(messages if kind != "openai-completion" and messages else None, prompt, row.line)
-        if len(tokens) >= self.context_length:
-            raise RowError("prompt_too_long", f"line {row.line}: prompt has {len(tokens)} tokens; the model's "
-                           f"context is {self.context_length}")
         kept = {k: row.data[k] for k in self.spec.keep_fields if k in row.data}
-        return Item(row.index, row.line, rid, kind, tokens, params, n, messages, prompt, kept=kept, **extra)
+        return Item(row.index, row.line, rid, kind, None, params, n, messages, prompt, kept=kept, **extra)
 
-    def _tokens(self, messages, prompt, line: int) -> list:
+    def render_many(self, rows: list[Row]) -> list:
+        """Each row's Item (tokenized) or RowError, in order; one tokenizer call for all."""
+        out = []
+        for row in rows:
+            try:
+                out.append(self.render(row))
+            except RowError as err:
+                out.append(err)
         if self.tokenizer is None:  # `validate`: rules only, no model
-            return []
+            return out
+        texts = {i: self._text(x) for i, x in enumerate(out) if isinstance(x, Item)}
+        for i, text in texts.items():
+            out[i] = text if isinstance(text, RowError) else out[i]
+        templated = [i for i, t in texts.items() if isinstance(t, str) and self._is_templated(out[i])]
+        plain = [i for i, t in texts.items() if isinstance(t, str) and not self._is_templated(out[i])]
+        for group, special in ((templated, False), (plain, True)):
+            if group:
+                ids = self.tokenizer._tokenizer([texts[i] for i in group], add_special_tokens=special)["input_ids"]
+                for i, tokens in zip(group, ids):
+                    out[i] = self._with_tokens(out[i], list(tokens))
+        return out
+
+    def _is_templated(self, item: Item) -> bool:
+        return item.messages is not None and item.kind != "openai-completion"
+
+    def _text(self, item: Item):
+        """The exact text the model sees, or a RowError if the chat template rejects the row."""
+        if not self._is_templated(item):
+            return item.prompt
         try:
-            if messages is not None:
-                out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-                return list(out["input_ids"] if isinstance(out, dict) else out)
-            return list(self.tokenizer.encode(prompt))
+            return self.tokenizer.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # template errors (e.g. raise_exception in Jinja)
-            raise RowError("template_error", f"line {line}: the chat template rejected this row ({exc})") from exc
+            return RowError("template_error", f"line {item.line}: the chat template rejected this row ({exc})")
+
+    def _with_tokens(self, item: Item, tokens: list):
+        if len(tokens) >= self.context_length:
+            return RowError("prompt_too_long", f"line {item.line}: prompt has {len(tokens)} tokens; the model's "
+                            f"context is {self.context_length}")
+        if not tokens:
+            return RowError("missing_prompt", f"line {item.line}: the prompt renders to no tokens")
+        return replace(item, tokens=tokens)
 
     def _params(self, o: dict, line: int, is_openai: bool) -> tuple[SamplingParams, int]:
         s = self.spec

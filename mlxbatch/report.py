@@ -57,7 +57,8 @@ def validate_input(path: Path, *, id_field: str, prompt_field: str, messages_fie
     for row in source.read_rows(path):
         rows += 1
         try:
-            renderer.render(row)
+            if isinstance(err := renderer.render_many([row])[0], RowError):
+                raise err
             rid = raw_id(row, id_field)
             if row.data and (id_field in row.data or "custom_id" in row.data):
                 if repr(rid) in seen:

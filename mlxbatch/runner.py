@@ -31,6 +31,7 @@ from .stats import JobStats
 
 STATE_FORMAT = "mlxbatch-state v1"
 _METRICS_SECONDS = 10.0
+_RENDER_BATCH = 64  # rows tokenized per call (the tokenizer runs a batch in parallel)
 
 
 @dataclass
@@ -87,10 +88,10 @@ class JobLoop:
     """One run over the input; `run()` returns when the input is done or a stop was asked."""
 
     def __init__(self, spec: JobSpec, lm: models.LoadedModel, cp: Checkpoint, stats: JobStats,
-                 progress: Callable[[JobStats], None] | None):
+                 progress: Callable[[JobStats], None] | None, engine_factory=Engine):
         self.spec, self.lm, self.cp, self.stats = spec, lm, cp, stats
         self.progress = progress or (lambda s: None)
-        self.engine = Engine(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
+        self.engine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
         self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
         self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer)
         self.window = max(4 * self.engine.max_batch, 256)
@@ -116,18 +117,21 @@ class JobLoop:
         return self.is_exhausted and not self.inflight and not self.stop.is_set
 
     def _feed(self) -> None:
+        """Top up the look-ahead window; rows are rendered and tokenized in batches."""
         while not self.is_exhausted and self.engine.num_waiting < self.window and not self.stop.is_set:
-            row = next(self.rows, None)
-            if row is None:
-                self.is_exhausted = True
-                return
-            if self._is_duplicate(row) and not self.cp.is_done(row.index):
-                self._error(row, None, RowError("duplicate_id", f"line {row.line}: id "
-                            f"{raw_id(row, self.spec.id_field)!r} appeared earlier in the input"))
-                continue
-            if self.cp.is_done(row.index):
-                continue
-            self._admit(row)
+            batch = []
+            while len(batch) < _RENDER_BATCH:
+                row = next(self.rows, None)
+                if row is None:
+                    self.is_exhausted = True
+                    break
+                if self._is_duplicate(row) and not self.cp.is_done(row.index):
+                    self._error(row, RowError("duplicate_id", f"line {row.line}: id "
+                                f"{raw_id(row, self.spec.id_field)!r} appeared earlier in the input"))
+                elif not self.cp.is_done(row.index):
+                    batch.append(row)
+            for row, rendered in zip(batch, self.renderer.render_many(batch)):
+                self._admit(row, rendered)
 
     def _is_duplicate(self, row: source.Row) -> bool:
         rid = raw_id(row, self.spec.id_field)
@@ -139,17 +143,15 @@ class JobLoop:
         self.seen.add(key)
         return False
 
-    def _admit(self, row: source.Row) -> None:
-        try:
-            item = self.renderer.render(row)
-        except RowError as err:
-            self._error(row, None, err)
+    def _admit(self, row: source.Row, item) -> None:
+        if isinstance(item, RowError):
+            self._error(row, item)
             return
         self.inflight[row.index] = _InFlight(item, [None] * item.n, item.n)
         for s in range(item.n):
             self.engine.add(Request((row.index, s), item.tokens, request_params(item, s)))
 
-    def _error(self, row: source.Row, item: Item | None, err: RowError) -> None:
+    def _error(self, row: source.Row, err: RowError) -> None:
         rid = raw_id(row, self.spec.id_field)
         is_openai = bool(row.data and ("custom_id" in row.data or "body" in row.data))
         record = self.maker.error(line=row.line, rid=rid if isinstance(rid, (str, int)) else None, code=err.code,
@@ -197,8 +199,11 @@ class JobLoop:
 
 
 def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None,
-            resume_hint: str = "", lm: models.LoadedModel | None = None) -> JobStats:
-    """Run (or resume) a job to completion; raises Interrupted after a clean stop."""
+            resume_hint: str = "", lm: models.LoadedModel | None = None, engine_factory=Engine) -> JobStats:
+    """Run (or resume) a job to completion; raises Interrupted after a clean stop.
+
+    `engine_factory` builds the engine (tests pass a stand-in with Engine's interface).
+    """
     source.check_readable(spec.input)
     source.kind_of(spec.input)
     _check_columns(spec)
@@ -207,7 +212,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     stats = JobStats(total_rows=source.count_rows(spec.input), done_before=cp.num_done, errors=cp.num_errors,
                      model=lm.name, device=f"{models.backend()} {mx.default_device()} {lm.dtype}",
                      output=str(spec.output_dir))
-    loop = JobLoop(spec, lm, cp, stats, progress)
+    loop = JobLoop(spec, lm, cp, stats, progress, engine_factory)
     try:
         complete = loop.run()
         if complete:
