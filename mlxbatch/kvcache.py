@@ -15,6 +15,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 _GROW = 256  # columns added at a time, as mlx-lm's caches do
+# Attention runs over the whole buffer (unused columns masked), so its shapes change once
+# per _GROW columns instead of every step: backends that build a kernel or plan per shape
+# (MLX's CUDA attention) would otherwise pay that cost at every step of a cold run.
+
+
+# On the CPU there is no per-shape cost and masked columns are pure waste: exact shapes.
+ATTEND_FULL_BUFFER = not mx.default_device() == mx.cpu
+
+
+def capacity(columns: int) -> int:
+    return ((columns + _GROW - 1) // _GROW) * _GROW
 # Architectures whose mlx-lm Model is `model.model(...)` then lm_head / tied embedding.
 _FAST_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
 
@@ -58,11 +69,13 @@ class LayerCache:
             self._grow(keys, values, start + n)
         self.keys[..., start : start + n, :] = keys
         self.values[..., start : start + n, :] = values
+        if ATTEND_FULL_BUFFER:
+            return self.keys, self.values
         return self.keys[..., : start + n, :], self.values[..., : start + n, :]
 
     def _grow(self, keys, values, needed: int) -> None:
         B, H, _, Dk = keys.shape
-        cols = ((needed + _GROW - 1) // _GROW) * _GROW
+        cols = capacity(needed)
         new_k = mx.zeros((B, H, cols, Dk), keys.dtype)
         new_v = mx.zeros((B, H, cols, values.shape[3]), values.dtype)
         if self.keys is not None:
@@ -72,13 +85,18 @@ class LayerCache:
         self.keys, self.values = new_k, new_v
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        """[B, 1, N, capacity]: real columns each row may see, causally; a padding query
+        also sees itself so its softmax stays finite (its output is never used)."""
         total = self.layout.idx + N
-        valid = self.layout.valid[:, None, None, :total]
+        cap = total
+        if ATTEND_FULL_BUFFER:
+            cap = max(capacity(total), self.keys.shape[2] if self.keys is not None else 0)
+        valid = _pad_right(self.layout.valid[:, :total], cap - total)[:, None, None, :]
         if N == 1:
             return valid
         q = mx.arange(self.layout.idx, total)[:, None]
-        causal = q >= mx.arange(total)[None]
-        return valid & causal[None, None]
+        k = mx.arange(cap)[None]
+        return (valid & (q >= k)[None, None]) | (q == k)[None, None]
 
     def used(self):
         idx = self.layout.idx
@@ -155,6 +173,12 @@ class BatchCache:
             c.keys = mx.concatenate([_pad_kv(ak, a_pad), _pad_kv(bk, b_pad)], axis=0)
             c.values = mx.concatenate([_pad_kv(av, a_pad), _pad_kv(bv, b_pad)], axis=0)
         lay.idx = cols
+
+
+def _pad_right(valid: mx.array, n: int) -> mx.array:
+    if n == 0:
+        return valid
+    return mx.concatenate([valid, mx.zeros((valid.shape[0], n), dtype=mx.bool_)], axis=1)
 
 
 def _pad_cols(valid: mx.array, n: int) -> mx.array:

@@ -40,7 +40,10 @@ def varied_prompts(lm, n):
     return out
 
 
-def test_batched_greedy_equals_single_stream_tiny(tiny):
+@pytest.mark.parametrize("full_buffer", [False, True])
+def test_batched_greedy_equals_single_stream_tiny(tiny, monkeypatch, full_buffer):
+    # full_buffer: the GPU layout (attention over the whole bucketed buffer, masked).
+    monkeypatch.setattr("mlxbatch.kvcache.ATTEND_FULL_BUFFER", full_buffer)
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
     # A small batch makes rows join mid-run as others finish (continuous batching).
