@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import struct
 import time
 import zlib
@@ -274,7 +273,3 @@ def journal_rows(folder: Path) -> int:
     path = folder / JOURNAL
     return path.stat().st_size // _ENTRY.size if path.exists() else 0
 
-
-def remove_outputs(folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)

@@ -77,6 +77,8 @@ class Dashboard:
                 self._live.update(self._render(s), refresh=True)
                 self._last = now
         elif force or now - self._last >= _PLAIN_SECONDS:
+            if not self._last:  # the first line says what runs where (dtype chosen by --dtype auto)
+                print(f"[mlxbatch] model {s.model} on {s.device} -> {s.output}", file=sys.stderr, flush=True)
             print(_plain_line(s), file=sys.stderr, flush=True)
             self._last = now
 

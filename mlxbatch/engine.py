@@ -11,7 +11,6 @@ results (runner.py), grouping (scheduler.py), sampling maths (sampling.py).
 from __future__ import annotations
 
 import os
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ import mlx.core as mx
 from .kvcache import BatchCache, forward_hidden, forward_last
 from .models import LoadedModel, backend
 from .sampling import RowParams, sample
-from .scheduler import Scheduler, Unit, common_prefix, token_key
+from .scheduler import Scheduler, Unit, token_key
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_PREFIX_CACHE_GB = 1.0
@@ -182,12 +181,6 @@ class Engine:
         self.stats.waiting = len(self.scheduler)
         return done
 
-    def cancel(self) -> None:
-        """Forget everything in flight (after an interrupt)."""
-        self._cache, self._rows, self._params, self._next, self._filling = None, [], None, None, None
-        self.scheduler = Scheduler()
-        self._num_alive = 0
-
     # ------------------------------------------------------------ decode
     def _decode(self, tokens: mx.array):
         self._cache.layout.begin(mx.ones((len(self._rows), 1), dtype=mx.bool_))
@@ -294,10 +287,9 @@ class Engine:
         return max(1 if not self.num_active else 0, min(free, int(fits)))
 
     def _longest_row(self) -> int:
-        rows = [r for r in self._rows if r.is_alive]
-        waiting_hint = self.lm.context_length if not rows else 0
-        longest = max((r.prompt_len + r.request.params.max_tokens for r in rows), default=0)
-        return min(max(longest, 1024 if waiting_hint else longest), self.lm.context_length)
+        """Tokens the longest live row may reach (1,024 assumed for an empty batch)."""
+        longest = max((r.prompt_len + r.limit for r in self._rows if r.is_alive), default=1024)
+        return min(longest, self.lm.context_length)
 
     def _kv_bytes_per_token(self) -> int:
         args = self.model.args

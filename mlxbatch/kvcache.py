@@ -201,10 +201,6 @@ def _used_or_empty(c: LayerCache, like: LayerCache):
     return (mx.zeros((B, k.shape[1], 0, k.shape[3]), k.dtype), mx.zeros((B, v.shape[1], 0, v.shape[3]), v.dtype))
 
 
-def num_layers(model: nn.Module) -> int:
-    return len(model.layers)
-
-
 def forward_last(model: nn.Module, tokens: mx.array, cache: BatchCache) -> mx.array:
     """Logits [B, vocab] of the last column only, advancing the cache by the input width.
 

@@ -44,10 +44,6 @@ def job_status(folder: Path) -> str:
     return "\n".join(lines)
 
 
-class _NoTokenizer:
-    chat_template = None
-
-
 def validate_input(path: Path, *, id_field: str, prompt_field: str, messages_field: str,
                    max_problems: int) -> tuple[str, int]:
     """Every row through the same rules a run applies, except token counts."""

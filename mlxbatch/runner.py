@@ -14,7 +14,6 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx

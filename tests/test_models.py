@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import os
 
 import jinja2
 import jinja2.sandbox

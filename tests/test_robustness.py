@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import LONG, read_jsonl, write_jsonl
+from conftest import read_jsonl, write_jsonl
 from mlxbatch import checkpoint
 from mlxbatch.cli import app
 
