@@ -30,7 +30,7 @@ def _table(s: JobStats) -> Table:
     t.add_row("rows", f"{s.done:,}/{s.total_rows:,} ({pct:.1f}%)  errors {s.errors:,}  ETA {fmt_duration(s.eta_seconds)}")
     t.add_row("generation", f"{s.gen_tps_now:,.0f} tok/s now, {s.gen_tps_avg:,.0f} avg  ({e.generated_tokens:,} tokens)")
     t.add_row("prompt", f"{s.prompt_tps_now:,.0f} tok/s now, {s.prompt_tps_avg:,.0f} avg  "
-              f"({e.prompt_computed:,} computed of {e.prompt_tokens:,})")
+              f"({e.prompt_computed:,} computed of {e.prompt_tokens:,}, {100 * s.padding_fraction:.0f}% padding)")
     t.add_row("batch", f"{e.active} in flight / {e.capacity} slots ({100 * s.occupancy:.0f}%), {e.waiting} waiting")
     t.add_row("prefix cache", f"{100 * s.prefix_hit_rate:.0f}% of prompt tokens reused ({e.prefix_hits} cache hits)")
     mem = s.memory()

@@ -89,6 +89,12 @@ class JobStats:
         return e.prefix_hit_tokens / e.prompt_tokens if e.prompt_tokens else 0.0
 
     @property
+    def padding_fraction(self) -> float:
+        """Share of prefill work spent on padding (rows of a unit padded to its longest)."""
+        e = self.engine
+        return e.prompt_padding / (e.prompt_padding + e.prompt_computed) if e.prompt_computed else 0.0
+
+    @property
     def occupancy(self) -> float:
         return self.engine.active / self.engine.capacity if self.engine.capacity else 0.0
 
