@@ -14,6 +14,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .fused import fused_layers, hidden_states
+
+USE_FUSED = True  # tests switch it off to compare against mlx-lm's own layers
+
 _GROW = 256  # columns added at a time, as mlx-lm's caches do
 # Attention runs over the whole buffer (unused columns masked), so its shapes change once
 # per _GROW columns instead of every step: backends that build a kernel or plan per shape
@@ -201,13 +205,19 @@ def _used_or_empty(c: LayerCache, like: LayerCache):
     return (mx.zeros((B, k.shape[1], 0, k.shape[3]), k.dtype), mx.zeros((B, v.shape[1], 0, v.shape[3]), v.dtype))
 
 
+def _hidden(model: nn.Module, tokens: mx.array, cache: BatchCache) -> mx.array:
+    if USE_FUSED and (fused := fused_layers(model)) is not None:
+        return hidden_states(model, tokens, cache.layers, fused)
+    return model.model(tokens, cache=cache.layers)
+
+
 def forward_last(model: nn.Module, tokens: mx.array, cache: BatchCache) -> mx.array:
     """Logits [B, vocab] of the last column only, advancing the cache by the input width.
 
     The caller has already declared the new columns' validity with `layout.begin`.
     """
     if getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model"):
-        h = model.model(tokens, cache=cache.layers)[:, -1, :]
+        h = _hidden(model, tokens, cache)[:, -1, :]
         logits = model.lm_head(h) if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear(h)
     else:  # other architectures: the full call (projects every position)
         logits = model(tokens, cache=cache.layers)[:, -1, :]
@@ -218,7 +228,7 @@ def forward_last(model: nn.Module, tokens: mx.array, cache: BatchCache) -> mx.ar
 def forward_hidden(model: nn.Module, tokens: mx.array, cache: BatchCache) -> None:
     """Fill the cache for `tokens` without projecting any logits (prefill chunks)."""
     if getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model"):
-        out = model.model(tokens, cache=cache.layers)
+        out = _hidden(model, tokens, cache)
     else:
         out = model(tokens, cache=cache.layers)
     cache.layout.end(tokens.shape[1])

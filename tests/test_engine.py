@@ -109,3 +109,29 @@ def test_n_samples_share_prefix(tiny):
     done, eng = run_engine(tiny, reqs, max_batch=8)
     assert len(done) == 6
     assert eng.stats.prompt_computed <= len(p) + 6  # one prefix, then one token per sample
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_fused_forward_matches_mlx_lm_layers(quantize):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlxbatch import models
+    from mlxbatch.fused import fused_layers, hidden_states
+    from mlxbatch.kvcache import BatchCache
+
+    lm = models.load("random:tiny", dtype="fp32")
+    if quantize:
+        nn.quantize(lm.model, group_size=64, bits=4)
+    tokens = mx.array([[5, 9, 200, 17, 3000, 42], [7, 7, 7, 1, 2, 3]])
+
+    def run(fn):
+        cache = BatchCache(len(lm.model.layers), 2)
+        cache.layout.begin(mx.ones(tokens.shape, dtype=mx.bool_))
+        return fn(cache)
+
+    ref = run(lambda c: lm.model.model(tokens, cache=c.layers))
+    fused = fused_layers(lm.model)
+    assert fused is not None and fused[0][0].is_quantized == quantize
+    ours = run(lambda c: hidden_states(lm.model, tokens, c.layers, fused))
+    assert mx.allclose(ref, ours, atol=1e-4, rtol=1e-4).item()
