@@ -111,3 +111,59 @@ def test_models_cli_list_and_info():
     assert r.exit_code == 0 and "random:tiny" in r.output
     r = CliRunner().invoke(app, ["models", "info", "random:tiny"])
     assert r.exit_code == 0 and "hidden_size: 128" in r.output
+
+
+def _to_gguf_name(name: str) -> str:
+    inverse = {v: k for k, v in gguf._LAYER_NAMES.items()}
+    top = {v: k for k, v in gguf._TOP_NAMES.items()}
+    base, _, suffix = name.rpartition(".")
+    if base.startswith("model.layers."):
+        _, _, layer, rest = base.split(".", 3)
+        return f"blk.{layer}.{inverse[rest]}.{suffix}"
+    return f"{top[base]}.{suffix}"
+
+
+def _permute(x, n_head):  # llama.cpp's Q/K row order (the inverse of gguf._unpermute)
+    rows = x.shape[0]
+    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+def test_gguf_round_trip_float_tensors(tmp_path, tiny, dtype):
+    """random:tiny written as a llama.cpp-style GGUF (F16/F32), imported back: same logits."""
+    from mlx.utils import tree_flatten
+
+    args = tiny.model.args
+    tensors = {}
+    for name, w in tree_flatten(tiny.model.parameters()):
+        if ".q_proj." in name:
+            w = _permute(w, args.num_attention_heads)
+        elif ".k_proj." in name:
+            w = _permute(w, args.num_key_value_heads)
+        tensors[_to_gguf_name(name)] = w.astype(dtype)
+    tj = json.loads((models.random_tokenizer_dir() / "tokenizer.json").read_text())
+    tc = json.loads((models.random_tokenizer_dir() / "tokenizer_config.json").read_text())
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tj["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    u32 = lambda v: mx.array(v, dtype=mx.uint32)  # noqa: E731
+    meta = {
+        "general.architecture": "llama", "llama.embedding_length": u32(args.hidden_size),
+        "llama.block_count": u32(args.num_hidden_layers), "llama.feed_forward_length": u32(args.intermediate_size),
+        "llama.attention.head_count": u32(args.num_attention_heads),
+        "llama.attention.head_count_kv": u32(args.num_key_value_heads),
+        "llama.attention.layer_norm_rms_epsilon": mx.array(args.rms_norm_eps, dtype=mx.float32),
+        "llama.rope.freq_base": mx.array(args.rope_theta, dtype=mx.float32), "llama.context_length": u32(8192),
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": [t for t, _ in vocab], "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": mx.array([3 if t in special else 1 for t, _ in vocab], dtype=mx.int32),
+        "tokenizer.ggml.bos_token_id": u32(1), "tokenizer.ggml.eos_token_id": u32(2),
+        "tokenizer.chat_template": tc["chat_template"],
+    }
+    path = tmp_path / "tiny.gguf"
+    mx.save_gguf(str(path), tensors, meta)
+    lm = models.load(str(path), dtype="fp32")
+    assert lm.tokenizer.encode("Hello 2026 🚀") == tiny.tokenizer.encode("Hello 2026 🚀")
+    tokens = mx.array([tiny.tokenizer.encode("The lighthouse keeper counted 42 ships.")])
+    tol = 1e-4 if dtype == mx.float32 else 5e-2
+    assert mx.allclose(lm.model(tokens), tiny.model(tokens), atol=tol, rtol=tol).item()
