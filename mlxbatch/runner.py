@@ -101,6 +101,7 @@ class JobLoop:
         self.stop = _StopFlag()
         self.stats.engine = self.engine.stats
         self._last_metrics = 0.0
+        self._prev_state = read_state(cp.folder)  # counters of earlier runs, added to this run's
 
     def run(self) -> bool:
         """True when every row has a record."""
@@ -182,10 +183,7 @@ class JobLoop:
         self.progress(self.stats)
 
     def commit(self, *, complete: bool = False) -> None:
-        prev = getattr(self, "_prev_state", None)
-        if prev is None:
-            prev = self._prev_state = read_state(self.cp.folder)
-        s = self.stats
+        prev, s = self._prev_state, self.stats
         state = {
             "format": STATE_FORMAT, "rows_done": self.cp.num_done, "rows_total": s.total_rows,
             "errors": self.cp.num_errors, "complete": complete,
