@@ -144,7 +144,7 @@ def _job_args(src, out):
 
 
 def test_kill_loop_resumes_exactly(tmp_path):
-    n = 4000 if LONG else 150  # long mode: enough rows that 50 kills land before the end
+    n = 4000 if LONG else 800  # enough rows that every planned kill lands before the end
     src = _big_input(tmp_path, n)
     ref = tmp_path / "ref"
     assert cli(*_job_args(src, ref)).exit_code == 0
@@ -152,7 +152,7 @@ def test_kill_loop_resumes_exactly(tmp_path):
     target = 50 if LONG else 5
     while kills < target:
         p = _spawn(_job_args(src, out))
-        time.sleep(rng.uniform(1.0, 3.0) if LONG else rng.uniform(2.0, 6.0))
+        time.sleep(rng.uniform(1.0, 3.0))
         if p.poll() is not None:
             break  # finished before the kill
         p.kill()
