@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .kvcache import BatchCache, forward_hidden, forward_last
 from .models import LoadedModel, backend
@@ -295,7 +296,9 @@ class Engine:
         args = self.model.args
         heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        itemsize = 4 if backend() == "cpu" else 2
+        # Keys/values take the activations' dtype: that of the model's floating parameters.
+        itemsize = next(v.dtype.size for _, v in tree_flatten(self.model.parameters())
+                        if mx.issubdtype(v.dtype, mx.floating))
         return 2 * len(self.model.layers) * heads * head_dim * itemsize
 
     # ------------------------------------------------------------ prefill

@@ -25,7 +25,7 @@ _GROW = 256  # columns added at a time, as mlx-lm's caches do
 
 
 # On the CPU there is no per-shape cost and masked columns are pure waste: exact shapes.
-ATTEND_FULL_BUFFER = not mx.default_device() == mx.cpu
+ATTEND_FULL_BUFFER = mx.default_device() != mx.cpu
 
 
 def capacity(columns: int) -> int:
