@@ -51,7 +51,8 @@ class FusedProjection:
         extra = [self.scales, self.qbiases] if self.is_quantized else []
         return [a for a in (self.weight, self.bias, *extra) if a is not None]
 
-    def __call__(self, x: mx.array) -> list:
+    def __call__(self, x: mx.array, split: bool = True):
+        """The layers' outputs, as a list (or, with split=False, side by side in one array)."""
         if self.is_quantized:
             y = mx.quantized_matmul(x, self.weight, self.scales, self.qbiases, transpose=True,
                                     group_size=self.group_size, bits=self.bits, mode=self.mode)
@@ -59,7 +60,7 @@ class FusedProjection:
             y = x @ self.weight.T
         if self.bias is not None:
             y = y + self.bias
-        return mx.split(y, self.splits, axis=-1)
+        return mx.split(y, self.splits, axis=-1) if split else y
 
 
 def _out_dims(layer) -> int:
@@ -92,6 +93,18 @@ def fused_layers(model: nn.Module) -> list | None:
     return _CACHE[key]
 
 
+def _decode_matmul() -> bool:
+    # MLX's CUDA attention has no single-query kernel that takes a mask: it falls back to a
+    # batched gemv (~5 of a ~9 ms step at batch 325 on an H200), so there one query is two
+    # matmuls. Metal's single-query kernel takes masks; the CPU has no fused kernel at all.
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda and cuda.is_available()) and mx.default_device() == mx.gpu
+
+
+DECODE_MATMUL = _decode_matmul()
+JOINT_ROPE = False  # rotate q and k heads in one call (scripts/step_probe.py measures it)
+
+
 def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list) -> mx.array:
     """Same result as mlx-lm's `model.model(tokens, cache=caches)` for llama, fewer operations."""
     from mlx_lm.models.activations import swiglu
@@ -100,15 +113,50 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list)
     h = inner.embed_tokens(tokens)
     B, L, _ = h.shape
     mask = caches[0].make_mask(L)
+    one = L == 1 and DECODE_MATMUL
+    if one:  # additive, and converted once per step instead of inside every layer's attention
+        mask = mx.where(mask, mx.array(0, h.dtype), mx.array(-mx.inf, h.dtype))
     for layer, cache, (qkv, gate_up) in zip(inner.layers, caches, fused):
         attn = layer.self_attn
-        q, k, v = qkv(layer.input_layernorm(h))
-        q = attn.rope(q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3), offset=cache.offset)
-        k = attn.rope(k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3), offset=cache.offset)
-        v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = _qkv(attn, qkv(layer.input_layernorm(h), split=False), B, L, cache.offset)
         k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
-        h = h + attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        if one:
+            o = _attend_one(q, k, v, attn.scale, mask)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+            o = o.reshape(B, 1, -1) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        h = h + attn.o_proj(o)
         g, u = gate_up(layer.post_attention_layernorm(h))
         h = h + layer.mlp.down_proj(swiglu(g, u))
     return inner.norm(h)
+
+
+def _qkv(attn, y: mx.array, B: int, L: int, offset) -> tuple:
+    """Split the fused projection into rotated q, k and plain v, each [B, heads, L, dim]."""
+    nq, nk = attn.n_heads, attn.n_kv_heads
+    qk_cols = y.shape[-1] * (nq + nk) // (nq + 2 * nk)
+    if JOINT_ROPE:
+        qk = attn.rope(_heads(y[..., :qk_cols], B, L, nq + nk), offset=offset)
+        q, k = qk[:, :nq], qk[:, nq:]
+    else:
+        q_cols = y.shape[-1] * nq // (nq + 2 * nk)
+        q = attn.rope(_heads(y[..., :q_cols], B, L, nq), offset=offset)
+        k = attn.rope(_heads(y[..., q_cols:qk_cols], B, L, nk), offset=offset)
+    return q, k, _heads(y[..., qk_cols:], B, L, nk)
+
+
+def _heads(x: mx.array, B: int, L: int, n: int) -> mx.array:
+    """[B, L, n * dim] -> [B, n, L, dim]; for one token a reshape (same order, no transpose)."""
+    if L == 1:
+        return x.reshape(B, n, 1, -1)
+    return x.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
+
+
+def _attend_one(q, k, v, scale: float, mask: mx.array) -> mx.array:
+    """Attention of one query per row as two batched matmuls: [B, 1, heads * dim]."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # query heads grouped under their shared key head
+    scores = mx.addmm(mx.broadcast_to(mask, (B, Hkv, H // Hkv, k.shape[2])), qg, k.swapaxes(-1, -2), alpha=scale)
+    o = mx.softmax(scores, axis=-1, precise=True) @ v
+    return o.reshape(B, 1, H * D)

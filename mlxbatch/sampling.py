@@ -98,6 +98,8 @@ def sample(logits: mx.array, p: RowParams, *, with_logprobs: bool = False) -> tu
     CPU with a small model), and argmax, Gumbel-max, top-k and min-p are all
     shift-invariant, so it is skipped unless logprobs are wanted.
     """
+    if not (p.is_sampled or with_logprobs):
+        return mx.argmax(logits, axis=-1), None  # widening to float32 is exact: same argmax, one op less
     logits = logits.astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if with_logprobs else None
     greedy = mx.argmax(logits, axis=-1)

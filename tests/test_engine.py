@@ -40,10 +40,13 @@ def varied_prompts(lm, n):
     return out
 
 
-@pytest.mark.parametrize("full_buffer", [False, True])
-def test_batched_greedy_equals_single_stream_tiny(tiny, monkeypatch, full_buffer):
-    # full_buffer: the GPU layout (attention over the whole bucketed buffer, masked).
-    monkeypatch.setattr("mlxbatch.kvcache.ATTEND_FULL_BUFFER", full_buffer)
+@pytest.mark.parametrize("layout", ["cpu", "gpu", "cuda"])
+def test_batched_greedy_equals_single_stream_tiny(tiny, monkeypatch, layout):
+    # gpu: attention over the whole bucketed buffer, masked; cuda: also one-query attention
+    # as two matmuls and q/k rotated together (what runs on MLX's CUDA backend).
+    monkeypatch.setattr("mlxbatch.kvcache.ATTEND_FULL_BUFFER", layout != "cpu")
+    monkeypatch.setattr("mlxbatch.fused.DECODE_MATMUL", layout == "cuda")
+    monkeypatch.setattr("mlxbatch.fused.JOINT_ROPE", layout == "cuda")
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
     # A small batch makes rows join mid-run as others finish (continuous batching).

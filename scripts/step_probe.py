@@ -1,0 +1,119 @@
+"""Where a decode step's time goes on this device, and which forward variant is fastest.
+
+usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--phases] [--kernels]
+Runs the parallm-325 prompts (pre-tokenized) through the Engine under each
+variant of mlxbatch.fused (--variants=a,b: one-query attention as sdpa or two
+matmuls, q/k rotated apart or together), printing ms per
+step split into host graph building, waiting for the device, the Python
+bookkeeping, and admission. With --kernels (needs torch), lists the CUDA
+kernels of a few steady-state decode steps (CUPTI sees MLX's kernels too).
+"""
+import os
+import sys
+import time
+
+import mlxbatch  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+
+from mlxbatch import bench, fused, models
+from mlxbatch.engine import Engine, Request, SamplingParams
+
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+model = args[0] if args else "smollm2-135m"
+lm = models.load(model)
+msgs, max_tokens = bench._parallm(None)
+prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in msgs]
+VARIANTS = {  # (fused.DECODE_MATMUL, fused.JOINT_ROPE)
+    "sdpa": (False, False),
+    "matmul": (True, False),
+    "matmul+joint-rope": (True, True),
+}
+opt = {a.split("=")[0]: a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--") and "=" in a}
+chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
+
+
+def timed(eng: Engine, name: str, acc: dict) -> None:
+    """Wrap an engine method so its wall time adds up in acc[name]."""
+    fn = getattr(eng, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+    setattr(eng, name, wrapper)
+
+
+def engine_run(phases: bool = False):
+    eng = Engine(lm, max_batch=len(prompts))
+    acc: dict = {}
+    if phases:
+        for name in ("_decode", "_admit", "_compact", "_absorb"):
+            timed(eng, name, acc)
+        absorb = eng._absorb
+
+        def waited(current):  # split the wait for the device out of _absorb
+            t = time.perf_counter()
+            mx.eval(current[0])
+            acc["wait"] = acc.get("wait", 0.0) + time.perf_counter() - t
+            return absorb(current)
+        eng._absorb = waited
+    for i, p in enumerate(prompts):
+        eng.add(Request(i, p, SamplingParams(max_tokens=max_tokens)))
+    t = time.perf_counter()
+    steps = 0
+    while eng.has_work:
+        eng.step()
+        steps += 1
+    secs = time.perf_counter() - t
+    return secs, steps, eng.stats.generated_tokens, acc
+
+
+def report(label: str, secs: float, steps: int, tokens: int, acc: dict) -> None:
+    line = f"{label:30s} {tokens:6d} tok {secs:6.3f} s {tokens / secs:9.0f} tok/s {steps:4d} steps {secs / steps * 1e3:6.2f} ms/step"
+    if acc:
+        acc["_absorb"] = acc.get("_absorb", 0.0) - acc.get("wait", 0.0)
+        line += "  | " + " ".join(f"{k.strip('_')} {v / steps * 1e3:.2f}" for k, v in sorted(acc.items()))
+    print(line, flush=True)
+
+
+print(f"{model} {lm.dtype} {mx.default_device()} {mx.device_info().get('device_name', '')} prompts={len(prompts)}")
+env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MLX_"))
+for label in chosen:
+    fused.DECODE_MATMUL, fused.JOINT_ROPE = VARIANTS[label]
+    engine_run()  # warm-up: kernels and plans per shape
+    report(f"{label} {env}", *engine_run())
+    report(f"{label} {env}", *engine_run())
+    if "--phases" in sys.argv:
+        report(label + " (phases)", *engine_run(phases=True))
+
+if "--kernels" in sys.argv:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for label in chosen:
+        fused.DECODE_MATMUL, fused.JOINT_ROPE = VARIANTS[label]
+        eng = Engine(lm, max_batch=len(prompts))
+        for i, p in enumerate(prompts):
+            eng.add(Request(i, p, SamplingParams(max_tokens=max_tokens)))
+        for _ in range(20):
+            eng.step()
+        mx.synchronize()
+        n = 10
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(n):
+                eng.step()
+            mx.synchronize()
+            wall = time.perf_counter() - t
+        torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e3
+        print(f"\n== kernels, {label}: {len(kernels) / n:.0f} per step, GPU busy {busy / n:.2f} ms/step, wall {wall / n * 1e3:.2f} ms/step")
+        by: dict = {}
+        for e in kernels:
+            c, d = by.get(e.name, (0, 0.0))
+            by[e.name] = (c + 1, d + e.device_time)
+        for name, (c, d) in sorted(by.items(), key=lambda kv: -kv[1][0])[:30]:
+            print(f"  {c / n:6.1f}/step {d / c:8.1f} us  {name[:110]}")
