@@ -12,6 +12,7 @@ Does not own: the cache (kvcache.py) or the vocabulary projection.
 from __future__ import annotations
 
 import weakref
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,8 +52,7 @@ class FusedProjection:
         extra = [self.scales, self.qbiases] if self.is_quantized else []
         return [a for a in (self.weight, self.bias, *extra) if a is not None]
 
-    def __call__(self, x: mx.array, split: bool = True):
-        """The layers' outputs, as a list (or, with split=False, side by side in one array)."""
+    def __call__(self, x: mx.array) -> list:
         if self.is_quantized:
             y = mx.quantized_matmul(x, self.weight, self.scales, self.qbiases, transpose=True,
                                     group_size=self.group_size, bits=self.bits, mode=self.mode)
@@ -60,7 +60,7 @@ class FusedProjection:
             y = x @ self.weight.T
         if self.bias is not None:
             y = y + self.bias
-        return mx.split(y, self.splits, axis=-1) if split else y
+        return mx.split(y, self.splits, axis=-1)
 
 
 def _out_dims(layer) -> int:
@@ -102,7 +102,7 @@ def _decode_matmul() -> bool:
 
 
 DECODE_MATMUL = _decode_matmul()
-JOINT_ROPE = False  # rotate q and k heads in one call (scripts/step_probe.py measures it)
+COMPILED_DECODE = True  # tests switch it off to compare the two decode paths
 
 
 def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list) -> mx.array:
@@ -113,36 +113,90 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list)
     h = inner.embed_tokens(tokens)
     B, L, _ = h.shape
     mask = caches[0].make_mask(L)
-    one = L == 1 and DECODE_MATMUL
-    if one:  # additive, and converted once per step instead of inside every layer's attention
+    if L == 1 and DECODE_MATMUL:  # additive, converted once per step instead of in every layer
         mask = mx.where(mask, mx.array(0, h.dtype), mx.array(-mx.inf, h.dtype))
+    if L == 1 and COMPILED_DECODE and (plan := decode_plan(model, fused)) is not None:
+        return inner.norm(plan.run(h, mask, caches))
     for layer, cache, (qkv, gate_up) in zip(inner.layers, caches, fused):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, qkv(layer.input_layernorm(h), split=False), B, L, cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        if one:
-            o = _attend_one(q, k, v, attn.scale, mask)
-        else:
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
-            o = o.reshape(B, 1, -1) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        h = h + attn.o_proj(o)
+        q, k, v = qkv(layer.input_layernorm(h))
+        q = attn.rope(_heads(q, B, L, attn.n_heads), offset=cache.offset)
+        k = attn.rope(_heads(k, B, L, attn.n_kv_heads), offset=cache.offset)
+        k, v = cache.update_and_fetch(k, _heads(v, B, L, attn.n_kv_heads))
+        h = h + attn.o_proj(_attend(q, k, v, attn.scale, mask))
         g, u = gate_up(layer.post_attention_layernorm(h))
         h = h + layer.mlp.down_proj(swiglu(g, u))
     return inner.norm(h)
 
 
-def _qkv(attn, y: mx.array, B: int, L: int, offset) -> tuple:
-    """Split the fused projection into rotated q, k and plain v, each [B, heads, L, dim]."""
-    nq, nk = attn.n_heads, attn.n_kv_heads
+class DecodePlan:
+    """A one-token layer as two compiled functions shared by every layer (weights are inputs):
+    norm, q/k/v projection and RoPE before the cache write; o-projection, MLP and residuals
+    after the attention. Why: building ~20 operations per layer in Python every step costs
+    more host time than the device needs for a small model; a compiled call replays them
+    from C++, and it is traced again only when the batch size changes.
+    """
+
+    def __init__(self, model: nn.Module, fused: list):
+        first = model.model.layers[0]
+        attn, eps = first.self_attn, first.input_layernorm.eps
+        self.scale = attn.scale
+        self.weights = [(layer.input_layernorm.weight, qkv.weight, layer.self_attn.o_proj.weight,
+                         layer.post_attention_layernorm.weight, gate_up.weight, layer.mlp.down_proj.weight)
+                        for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
+        self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope))
+        self.post = mx.compile(partial(_post, eps=eps))
+
+    def run(self, h: mx.array, mask: mx.array, caches: list) -> mx.array:
+        for (ln1, wqkv, wo, ln2, wgu, wd), cache in zip(self.weights, caches):
+            q, k, v = self.pre(h, ln1, wqkv, cache.offset)
+            k, v = cache.update_and_fetch(k, v)  # outside: an in-place write into the cache buffer
+            h = self.post(h, _attend(q, k, v, self.scale, mask), wo, ln2, wgu, wd)
+        return h
+
+
+def _pre(h, ln1, wqkv, offset, *, heads, eps, rope):
+    nq, nk = heads
+    B = h.shape[0]
+    y = mx.fast.rms_norm(h, ln1, eps) @ wqkv.T
     qk_cols = y.shape[-1] * (nq + nk) // (nq + 2 * nk)
-    if JOINT_ROPE:
-        qk = attn.rope(_heads(y[..., :qk_cols], B, L, nq + nk), offset=offset)
-        q, k = qk[:, :nq], qk[:, nq:]
-    else:
-        q_cols = y.shape[-1] * nq // (nq + 2 * nk)
-        q = attn.rope(_heads(y[..., :q_cols], B, L, nq), offset=offset)
-        k = attn.rope(_heads(y[..., q_cols:qk_cols], B, L, nk), offset=offset)
-    return q, k, _heads(y[..., qk_cols:], B, L, nk)
+    qk = rope(y[..., :qk_cols].reshape(B, nq + nk, 1, -1), offset=offset)  # q and k heads in one call
+    return qk[:, :nq], qk[:, nq:], y[..., qk_cols:].reshape(B, nk, 1, -1)
+
+
+def _post(h, o, wo, ln2, wgu, wd, *, eps):
+    from mlx_lm.models.activations import swiglu
+
+    h = h + o @ wo.T
+    g, u = mx.split(mx.fast.rms_norm(h, ln2, eps) @ wgu.T, 2, axis=-1)
+    return h + swiglu(g, u) @ wd.T
+
+
+_PLANS: dict[int, DecodePlan | None] = {}
+
+
+def decode_plan(model: nn.Module, fused: list) -> DecodePlan | None:
+    """The compiled one-token path, for models whose projections are plain bias-free matrices
+    with gate and up of equal width (quantized weights keep the general path)."""
+    key = id(model)
+    if key not in _PLANS:
+        layers = model.model.layers
+        plain = all(type(m) is nn.Linear and "bias" not in m for l in layers
+                    for m in (l.self_attn.o_proj, l.mlp.down_proj))
+        plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
+        plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
+        _PLANS[key] = DecodePlan(model, fused) if plain else None
+        weakref.finalize(model, _PLANS.pop, key, None)
+    return _PLANS[key]
+
+
+def _attend(q, k, v, scale: float, mask: mx.array) -> mx.array:
+    """Attention output as [B, L, heads * dim]."""
+    B, _, L, _ = q.shape
+    if L == 1 and DECODE_MATMUL:
+        return _attend_one(q, k, v, scale, mask)
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return o.reshape(B, 1, -1) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 def _heads(x: mx.array, B: int, L: int, n: int) -> mx.array:
