@@ -131,8 +131,8 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list)
 
 class DecodePlan:
     """A one-token layer as two compiled functions shared by every layer (weights are inputs):
-    norm, q/k/v projection and RoPE before the cache write; o-projection, MLP and residuals
-    after the attention. Why: building ~20 operations per layer in Python every step costs
+    norm, q/k/v projection and RoPE before the cache write; attention, o-projection, MLP and
+    residuals (added by the matmuls) after it. Why: building ~20 operations per layer in Python every step costs
     more host time than the device needs for a small model; a compiled call replays them
     from C++, and it is traced again only when the batch size changes.
     """
@@ -140,18 +140,17 @@ class DecodePlan:
     def __init__(self, model: nn.Module, fused: list):
         first = model.model.layers[0]
         attn, eps = first.self_attn, first.input_layernorm.eps
-        self.scale = attn.scale
         self.weights = [(layer.input_layernorm.weight, qkv.weight, layer.self_attn.o_proj.weight,
                          layer.post_attention_layernorm.weight, gate_up.weight, layer.mlp.down_proj.weight)
                         for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
         self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope))
-        self.post = mx.compile(partial(_post, eps=eps))
+        self.post = mx.compile(partial(_post, eps=eps, scale=attn.scale))
 
     def run(self, h: mx.array, mask: mx.array, caches: list) -> mx.array:
         for (ln1, wqkv, wo, ln2, wgu, wd), cache in zip(self.weights, caches):
             q, k, v = self.pre(h, ln1, wqkv, cache.offset)
             k, v = cache.update_and_fetch(k, v)  # outside: an in-place write into the cache buffer
-            h = self.post(h, _attend(q, k, v, self.scale, mask), wo, ln2, wgu, wd)
+            h = self.post(h, q, k, v, mask, wo, ln2, wgu, wd)
         return h
 
 
@@ -164,12 +163,12 @@ def _pre(h, ln1, wqkv, offset, *, heads, eps, rope):
     return qk[:, :nq], qk[:, nq:], y[..., qk_cols:].reshape(B, nk, 1, -1)
 
 
-def _post(h, o, wo, ln2, wgu, wd, *, eps):
+def _post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale):
     from mlx_lm.models.activations import swiglu
 
-    h = h + o @ wo.T
+    h = mx.addmm(h, _attend(q, k, v, scale, mask), wo.T)  # residual added by the matmul itself
     g, u = mx.split(mx.fast.rms_norm(h, ln2, eps) @ wgu.T, 2, axis=-1)
-    return h + swiglu(g, u) @ wd.T
+    return mx.addmm(h, swiglu(g, u), wd.T)
 
 
 _PLANS: dict[int, DecodePlan | None] = {}
