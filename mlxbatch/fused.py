@@ -93,15 +93,18 @@ def fused_layers(model: nn.Module) -> list | None:
     return _CACHE[key]
 
 
-def _decode_matmul() -> bool:
-    # MLX's CUDA attention has no single-query kernel that takes a mask: it falls back to a
-    # batched gemv (~5 of a ~9 ms step at batch 325 on an H200), so there one query is two
-    # matmuls. Metal's single-query kernel takes masks; the CPU has no fused kernel at all.
+def _on_cuda() -> bool:
     cuda = getattr(mx, "cuda", None)
     return bool(cuda and cuda.is_available()) and mx.default_device() == mx.gpu
 
 
-DECODE_MATMUL = _decode_matmul()
+# MLX's CUDA attention has no single-query kernel that takes a mask: it falls back to a
+# batched gemv (~5 of a ~9 ms step at batch 325 on an H200), so there one query is two
+# matmuls. Metal's single-query kernel takes masks; the CPU has no fused kernel at all.
+DECODE_MATMUL = _on_cuda()
+# Residual adds folded into the matmuls (C + A @ B, one kernel instead of two) where measured
+# faster; MLX's CPU addmm is ~15x slower than a BLAS matmul plus an add.
+RESIDUAL_ADDMM = _on_cuda()
 COMPILED_DECODE = True  # tests switch it off to compare the two decode paths
 
 
@@ -131,7 +134,7 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list)
 
 class DecodePlan:
     """A one-token layer as two compiled functions shared by every layer (weights are inputs):
-    norm, q/k/v projection and RoPE before the cache write; attention, o-projection, MLP and
+    norm, q/k/v projection and RoPE before the cache write; (attention,) o-projection, MLP and
     residuals (added by the matmuls) after it. Why: building ~20 operations per layer in Python every step costs
     more host time than the device needs for a small model; a compiled call replays them
     from C++, and it is traced again only when the batch size changes.
@@ -144,13 +147,23 @@ class DecodePlan:
                          layer.post_attention_layernorm.weight, gate_up.weight, layer.mlp.down_proj.weight)
                         for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
         self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope))
-        self.post = mx.compile(partial(_post, eps=eps, scale=attn.scale))
+        self.scale = attn.scale
+        self.post = mx.compile(partial(_post, eps=eps))
+        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale))
 
     def run(self, h: mx.array, mask: mx.array, caches: list) -> mx.array:
+        from . import kvcache
+
+        # Attention joins the compiled call only where the cache keeps its shape for 256
+        # steps (GPUs); with exact shapes (CPU) it would be traced again at every step.
+        bucketed = kvcache.ATTEND_FULL_BUFFER
         for (ln1, wqkv, wo, ln2, wgu, wd), cache in zip(self.weights, caches):
             q, k, v = self.pre(h, ln1, wqkv, cache.offset)
             k, v = cache.update_and_fetch(k, v)  # outside: an in-place write into the cache buffer
-            h = self.post(h, q, k, v, mask, wo, ln2, wgu, wd)
+            if bucketed:
+                h = self.attend_post(h, q, k, v, mask, wo, ln2, wgu, wd)
+            else:
+                h = self.post(h, _attend(q, k, v, self.scale, mask), wo, ln2, wgu, wd)
         return h
 
 
@@ -163,12 +176,20 @@ def _pre(h, ln1, wqkv, offset, *, heads, eps, rope):
     return qk[:, :nq], qk[:, nq:], y[..., qk_cols:].reshape(B, nk, 1, -1)
 
 
-def _post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale):
+def _post(h, o, wo, ln2, wgu, wd, *, eps):
     from mlx_lm.models.activations import swiglu
 
-    h = mx.addmm(h, _attend(q, k, v, scale, mask), wo.T)  # residual added by the matmul itself
+    h = _residual(h, o, wo)
     g, u = mx.split(mx.fast.rms_norm(h, ln2, eps) @ wgu.T, 2, axis=-1)
-    return mx.addmm(h, swiglu(g, u), wd.T)
+    return _residual(h, swiglu(g, u), wd)
+
+
+def _residual(h, x, w):
+    return mx.addmm(h, x, w.T) if RESIDUAL_ADDMM else h + x @ w.T
+
+
+def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale):
+    return _post(h, _attend(q, k, v, scale, mask), wo, ln2, wgu, wd, eps=eps)
 
 
 _PLANS: dict[int, DecodePlan | None] = {}

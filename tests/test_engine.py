@@ -43,9 +43,11 @@ def varied_prompts(lm, n):
 @pytest.mark.parametrize("layout", ["cpu", "cpu-uncompiled", "gpu", "cuda"])
 def test_batched_greedy_equals_single_stream_tiny(tiny, monkeypatch, layout):
     # gpu: attention over the whole bucketed buffer, masked; cuda: also one-query attention
-    # as two matmuls (what runs on MLX's CUDA backend); uncompiled: the general decode path.
+    # as two matmuls and residuals added by the matmuls (what runs on MLX's CUDA backend);
+    # uncompiled: the general decode path.
     monkeypatch.setattr("mlxbatch.kvcache.ATTEND_FULL_BUFFER", layout in ("gpu", "cuda"))
     monkeypatch.setattr("mlxbatch.fused.DECODE_MATMUL", layout == "cuda")
+    monkeypatch.setattr("mlxbatch.fused.RESIDUAL_ADDMM", layout == "cuda")
     monkeypatch.setattr("mlxbatch.fused.COMPILED_DECODE", layout != "cpu-uncompiled")
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
