@@ -1,14 +1,16 @@
 """A lean forward pass for small llama-family models: fewer, larger kernels per layer.
 
 Owns: q/k/v and gate/up projections fused into one matmul each (weights
-concatenated once per model), and the layer loop using them. Why: a decode step
-of a small model is bound by per-operation overhead, not FLOPs (FINDINGS.md:
-~7 ms per step on an H200 whatever the batch), so three fewer operations per
-layer is time saved on every step. Concatenation copies those weights, so it is
-only done for models under `MAX_FUSED_BYTES`; others keep mlx-lm's own forward.
-Does not own: the cache (kvcache.py) or the vocabulary projection.
+concatenated once per model), the layer loop using them, and a compiled
+one-token layer (DecodePlan). Why: a decode step of a small model is bound by
+per-operation host cost, not FLOPs (an H200 step of SmolLM2-135M at batch 325:
+~490 kernels, ~2.5 ms of GPU work, ~6 ms of host dispatch), so every operation
+per layer dropped is time saved on every step. Also picks, per backend, how one
+query attends (CUDA: two matmuls, see DECODE_MATMUL). Concatenation copies
+weights, so it is only done for models under `MAX_FUSED_BYTES`; others keep
+mlx-lm's own forward. Does not own: the cache (kvcache.py) or the vocabulary
+projection.
 """
-
 from __future__ import annotations
 
 import weakref
