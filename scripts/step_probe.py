@@ -3,9 +3,9 @@
 usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--phases] [--kernels]
 Runs the parallm-325 prompts (pre-tokenized) through the Engine under each
 variant of mlxbatch.fused (--variants=a,b: one-query attention as sdpa or two
-matmuls, layers built in Python or compiled), printing ms per
-step split into host graph building, waiting for the device, the Python
-bookkeeping, and admission. With --kernels (needs torch), lists the CUDA
+matmuls, layers built in Python or compiled, residuals added apart or by the
+matmuls), printing ms per step; --phases splits it into host graph building,
+waiting for the device, the Python bookkeeping, and admission. With --kernels (needs torch), lists the CUDA
 kernels of a few steady-state decode steps (CUPTI sees MLX's kernels too).
 """
 import os
@@ -23,10 +23,11 @@ model = args[0] if args else "smollm2-135m"
 lm = models.load(model)
 msgs, max_tokens = bench._parallm(None)
 prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in msgs]
-VARIANTS = {  # (fused.DECODE_MATMUL, fused.COMPILED_DECODE)
-    "sdpa": (False, False),
-    "matmul": (True, False),
-    "matmul+compiled": (True, True),
+VARIANTS = {  # (fused.DECODE_MATMUL, fused.COMPILED_DECODE, fused.RESIDUAL_ADDMM)
+    "sdpa": (False, False, False),
+    "matmul": (True, False, False),
+    "matmul+compiled": (True, True, False),
+    "matmul+compiled+addmm": (True, True, True),  # what runs on CUDA by default
 }
 opt = {a.split("=")[0]: a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--") and "=" in a}
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
@@ -81,7 +82,7 @@ def report(label: str, secs: float, steps: int, tokens: int, acc: dict) -> None:
 print(f"{model} {lm.dtype} {mx.default_device()} {mx.device_info().get('device_name', '')} prompts={len(prompts)}")
 env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MLX_"))
 for label in chosen:
-    fused.DECODE_MATMUL, fused.COMPILED_DECODE = VARIANTS[label]
+    fused.DECODE_MATMUL, fused.COMPILED_DECODE, fused.RESIDUAL_ADDMM = VARIANTS[label]
     engine_run()  # warm-up: kernels and plans per shape
     report(f"{label} {env}", *engine_run())
     report(f"{label} {env}", *engine_run())
@@ -93,7 +94,7 @@ if "--kernels" in sys.argv:
     from torch.profiler import ProfilerActivity, profile
 
     for label in chosen:
-        fused.DECODE_MATMUL, fused.COMPILED_DECODE = VARIANTS[label]
+        fused.DECODE_MATMUL, fused.COMPILED_DECODE, fused.RESIDUAL_ADDMM = VARIANTS[label]
         eng = Engine(lm, max_batch=len(prompts))
         for i, p in enumerate(prompts):
             eng.add(Request(i, p, SamplingParams(max_tokens=max_tokens)))

@@ -140,3 +140,17 @@ def test_fused_forward_matches_mlx_lm_layers(quantize):
     assert fused is not None and fused[0][0].is_quantized == quantize
     ours = run(lambda c: hidden_states(lm.model, tokens, c.layers, fused))
     assert mx.allclose(ref, ours, atol=1e-4, rtol=1e-4).item()
+
+
+def test_compiled_decode_plan_covers_plain_llama_weights():
+    import mlx.nn as nn
+
+    from mlxbatch import models
+    from mlxbatch.fused import decode_plan, fused_layers
+
+    plain = models.load("random:tiny", dtype="fp32").model
+    assert decode_plan(plain, fused_layers(plain)) is not None
+    quantized = models.load("random:tiny", dtype="fp32").model
+    nn.quantize(quantized, group_size=64, bits=4)  # quantized weights keep the general path
+    assert decode_plan(quantized, fused_layers(quantized)) is None
+
