@@ -11,6 +11,7 @@ weights, so it is only done for models under `MAX_FUSED_BYTES`; others keep
 mlx-lm's own forward. Does not own: the cache (kvcache.py) or the vocabulary
 projection.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -19,6 +20,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+from .models import backend
 
 MAX_FUSED_BYTES = 2 * 1024**3
 _CACHE: dict[int, list | None] = {}  # id(model) -> per-layer fused projections (None: not eligible)
@@ -95,18 +98,14 @@ def fused_layers(model: nn.Module) -> list | None:
     return _CACHE[key]
 
 
-def _on_cuda() -> bool:
-    cuda = getattr(mx, "cuda", None)
-    return bool(cuda and cuda.is_available()) and mx.default_device() == mx.gpu
-
-
+_ON_CUDA = backend() == "cuda" and mx.default_device() == mx.gpu
 # MLX's CUDA attention has no single-query kernel that takes a mask: it falls back to a
 # batched gemv (~5 of a ~9 ms step at batch 325 on an H200), so there one query is two
 # matmuls. Metal's single-query kernel takes masks; the CPU has no fused kernel at all.
-DECODE_MATMUL = _on_cuda()
+DECODE_MATMUL = _ON_CUDA
 # Residual adds folded into the matmuls (C + A @ B, one kernel instead of two) where measured
 # faster; MLX's CPU addmm is ~15x slower than a BLAS matmul plus an add.
-RESIDUAL_ADDMM = _on_cuda()
+RESIDUAL_ADDMM = _ON_CUDA
 COMPILED_DECODE = True  # tests switch it off to compare the two decode paths
 
 
@@ -136,10 +135,10 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list)
 
 class DecodePlan:
     """A one-token layer as two compiled functions shared by every layer (weights are inputs):
-    norm, q/k/v projection and RoPE before the cache write; (attention,) o-projection, MLP and
-    residuals (added by the matmuls) after it. Why: building ~20 operations per layer in Python every step costs
-    more host time than the device needs for a small model; a compiled call replays them
-    from C++, and it is traced again only when the batch size changes.
+    norm, q/k/v projection and RoPE before the cache write; (attention,) o-projection, MLP
+    and residuals (added by the matmuls on CUDA) after it. Why: building ~20 operations per
+    layer in Python every step costs more host time than the device needs for a small model;
+    a compiled call replays them from C++, and is traced again only when the batch changes.
     """
 
     def __init__(self, model: nn.Module, fused: list):
