@@ -23,7 +23,7 @@ import orjson
 from . import models
 from .errors import UsageError
 from .job import JobSpec
-from .scheduler import common_prefix, token_key
+from .engine.scheduler import common_prefix, token_key
 
 _WARMUP_TOKENS = 8
 _WORDS = ("river stone market winter signal garden copper lantern orbit meadow harbor engine velvet "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 
-from .engine import SamplingParams
+from .types import SamplingParams
 from .errors import RowError
 from .job import MAX_N, JobSpec
 from .source import Row

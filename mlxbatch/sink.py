@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 
-from .engine import Completion
+from .types import Completion
 from .render import Item
 
 _DUMP = orjson.OPT_APPEND_NEWLINE

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .engine import EngineStats
+from .types import EngineStats
 
 _WINDOW_SECONDS = 10.0
 

@@ -15,7 +15,8 @@ import time
 import mlxbatch  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
-from mlxbatch import bench, fused, models
+from mlxbatch import bench, models
+from mlxbatch.engine import fused
 from mlxbatch.engine import Engine, Request, SamplingParams
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]

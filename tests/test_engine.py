@@ -45,10 +45,10 @@ def test_batched_greedy_equals_single_stream_tiny(tiny, monkeypatch, layout):
     # gpu: attention over the whole bucketed buffer, masked; cuda: also one-query attention
     # as two matmuls and residuals added by the matmuls (what runs on MLX's CUDA backend);
     # uncompiled: the general decode path.
-    monkeypatch.setattr("mlxbatch.kvcache.ATTEND_FULL_BUFFER", layout in ("gpu", "cuda"))
-    monkeypatch.setattr("mlxbatch.fused.DECODE_MATMUL", layout == "cuda")
-    monkeypatch.setattr("mlxbatch.fused.RESIDUAL_ADDMM", layout == "cuda")
-    monkeypatch.setattr("mlxbatch.fused.COMPILED_DECODE", layout != "cpu-uncompiled")
+    monkeypatch.setattr("mlxbatch.engine.kvcache.ATTEND_FULL_BUFFER", layout in ("gpu", "cuda"))
+    monkeypatch.setattr("mlxbatch.engine.fused.DECODE_MATMUL", layout == "cuda")
+    monkeypatch.setattr("mlxbatch.engine.fused.RESIDUAL_ADDMM", layout == "cuda")
+    monkeypatch.setattr("mlxbatch.engine.fused.COMPILED_DECODE", layout != "cpu-uncompiled")
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
     # A small batch makes rows join mid-run as others finish (continuous batching).
@@ -122,8 +122,8 @@ def test_fused_forward_matches_mlx_lm_layers(quantize):
     import mlx.nn as nn
 
     from mlxbatch import models
-    from mlxbatch.fused import fused_layers, hidden_states
-    from mlxbatch.kvcache import BatchCache
+    from mlxbatch.engine.fused import fused_layers, hidden_states
+    from mlxbatch.engine.kvcache import BatchCache
 
     lm = models.load("random:tiny", dtype="fp32")
     if quantize:
@@ -146,7 +146,7 @@ def test_compiled_decode_plan_covers_plain_llama_weights():
     import mlx.nn as nn
 
     from mlxbatch import models
-    from mlxbatch.fused import decode_plan, fused_layers
+    from mlxbatch.engine.fused import decode_plan, fused_layers
 
     plain = models.load("random:tiny", dtype="fp32").model
     assert decode_plan(plain, fused_layers(plain)) is not None

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .models import backend
+from ..models import backend
 
 MAX_FUSED_BYTES = 2 * 1024**3
 _CACHE: dict[int, list | None] = {}  # id(model) -> per-layer fused projections (None: not eligible)

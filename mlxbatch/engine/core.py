@@ -18,63 +18,16 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .kvcache import BatchCache, forward_hidden, forward_last
-from .models import LoadedModel, backend
+from ..models import LoadedModel, backend
 from .sampling import RowParams, sample
 from .scheduler import Scheduler, Unit, token_key
+from ..types import Completion, EngineStats, Request, SamplingParams
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_PREFIX_CACHE_GB = 1.0
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: off; 0: chosen token; n: also the top n
-
-
-@dataclass
-class Request:
-    key: object
-    tokens: list[int]
-    params: SamplingParams
-
-
-@dataclass(frozen=True)
-class Completion:
-    key: object
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    logprobs: list | None = None  # [(token, logprob, [(token, logprob), ...]), ...]
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
-
-
-@dataclass
-class EngineStats:
-    prompt_tokens: int = 0  # in admitted requests
-    prompt_computed: int = 0  # real tokens run through the model
-    prompt_padding: int = 0  # pad tokens run through the model
-    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache or a shared unit prefix
-    prefix_lookups: int = 0
-    prefix_hits: int = 0
-    generated_tokens: int = 0
-    steps: int = 0
-    active: int = 0
-    capacity: int = 0
-    waiting: int = 0
 
 
 @dataclass

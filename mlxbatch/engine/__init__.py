@@ -1,0 +1,11 @@
+"""The generation engine: continuous batching over mlx-lm model modules.
+
+Modules: `core` (the engine loop: admission, prefill, decode, completion),
+`scheduler` (which waiting requests prefill together), `kvcache` (batched KV
+buffers and the model seam), `fused` (the lean forward pass), `sampling`.
+"""
+
+from ..types import Completion, EngineStats, Request, SamplingParams
+from .core import Engine
+
+__all__ = ["Completion", "Engine", "EngineStats", "Request", "SamplingParams"]
