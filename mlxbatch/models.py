@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +25,8 @@ import mlx.nn as nn
 
 from . import gguf
 from .errors import ModelError, UsageError
+from .types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job.py needs no MLX)
 
-DEFAULT_MODEL = "smollm2-135m"
-DTYPES = ("auto", "bf16", "fp16", "fp32", "q4", "q8")
 _FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
 
 # The embedded default: pinned by package version and by both files' sha256.
@@ -258,11 +258,22 @@ def _load_random(preset: str) -> tuple[nn.Module, object, dict, str]:
         raise ModelError(f"unknown random preset {preset!r} (presets: {', '.join(RANDOM_PRESETS)})")
     config = dict(RANDOM_PRESETS[preset])
     model_cls, args_cls = _get_classes(config)
-    mx.random.seed(0)  # the same preset always has the same weights
-    model = model_cls(args_cls.from_dict(config))
+    with _seeded(0):  # the same preset always has the same weights
+        model = model_cls(args_cls.from_dict(config))
     tokenizer = load_tokenizer(random_tokenizer_dir())
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + b"seed0").hexdigest()
     return model, tokenizer, config, digest
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Draw from `seed`, then put the global key back: loading a model leaves the caller's RNG as it was."""
+    hi, lo = mx.random.state[0].tolist()
+    mx.random.seed(seed)
+    try:
+        yield
+    finally:
+        mx.random.seed(hi << 32 | lo)  # a seed's key is [seed >> 32, seed & 0xffffffff]
 
 
 def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", ignore_eos: bool | None = None,

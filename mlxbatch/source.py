@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import orjson
 
 from .errors import InputFileError, RowError
+from .types import Row
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 _PARQUET_BATCH = 1024
-
-
-@dataclass(frozen=True)
-class Row:
-    index: int  # 0-based position among rows (blank lines are not rows)
-    line: int  # 1-based line number in JSONL, row number in Parquet
-    data: dict | None
-    error: RowError | None = None
 
 
 def kind_of(path: Path) -> str:

@@ -1,12 +1,31 @@
-"""The data types every stage passes along: sampling settings, engine requests and completions.
+"""The data types every stage passes along: input rows, rendered items, sampling settings,
+engine requests and completions, and the few names that settings and model loading share.
 
-Owns: plain frozen dataclasses only. Imports nothing from mlxbatch and no MLX,
-so `validate`, `status` and `export` can use them without loading a backend.
+Owns: plain dataclasses and constants only. Imports nothing from mlxbatch and no MLX,
+so `validate`, `status` and `export` can use them without loading a backend. Does not
+own: the rules a setting's value must follow (job.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .errors import RowError
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("auto", "bf16", "fp16", "fp32", "q4", "q8")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input row: parsed, or the reason it could not be (source.py yields these)."""
+
+    index: int  # 0-based position among rows (blank lines are not rows)
+    line: int  # 1-based line number in JSONL, row number in Parquet
+    data: dict | None
+    error: RowError | None = None
 
 
 @dataclass(frozen=True)
@@ -19,6 +38,28 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; 0: chosen token; n: also the top n
+
+
+@dataclass(frozen=True)
+class Item:
+    """A row rendered: what to ask the model (render.py makes these), with which settings."""
+
+    index: int
+    line: int
+    id: str
+    kind: str  # "prompt" | "chat" | "openai-chat" | "openai-completion"
+    tokens: list | None  # None until render_many tokenizes
+    params: SamplingParams  # seed filled per sample by `render.request_params`
+    n: int = 1
+    messages: list | None = None
+    prompt: str | None = None
+    custom_id: str | None = None
+    model_field: str | None = None
+    kept: dict = field(default_factory=dict)
+
+    @property
+    def is_openai(self) -> bool:
+        return self.kind.startswith("openai")
 
 
 @dataclass
