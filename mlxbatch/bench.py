@@ -23,6 +23,7 @@ import orjson
 from . import models
 from .errors import UsageError
 from .job import JobSpec
+from .types import SamplingParams
 from .engine.scheduler import common_prefix, token_key
 
 _WARMUP_TOKENS = 8
@@ -89,8 +90,8 @@ def _run_mlxbatch(lm, messages, max_tokens: int, batch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.jsonl"
         path.write_bytes(b"".join(orjson.dumps({"id": i, "messages": m}) + b"\n" for i, m in enumerate(messages)))
-        spec = JobSpec(input=path, output=Path(tmp) / "out", model=lm.name, max_tokens=max_tokens,
-                       batch_size=batch, commit_seconds=5.0).validate()
+        spec = JobSpec(input=path, output=Path(tmp) / "out", model=lm.name,
+                       sampling=SamplingParams(max_tokens=max_tokens), batch_size=batch, commit_seconds=5.0).validate()
         t = time.perf_counter()
         stats = run_job(spec, lm=lm)
         secs = time.perf_counter() - t

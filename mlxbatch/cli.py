@@ -3,19 +3,42 @@
 No logic lives here: each command builds its inputs and calls into the
 library; `MlxbatchError`s become a one-line message and an exit code (1, 2 for
 usage, 130 for interrupted). Set MLXBATCH_DEBUG=1 for tracebacks.
+
+Exit guarantee: `main()` leaves through `os._exit` once output is committed and
+stdout/stderr are flushed, so no library destructor (OpenBLAS joins its threads
+at exit and can wait for ever) runs; a signal before the job loop starts exits
+at once (nothing is half-written: commits are atomic).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import typer
+
+def _exit_now(signum, frame) -> None:
+    """SIGINT/SIGTERM/SIGHUP outside the job loop (which stops cleanly on its own): leave at once."""
+    os.write(2, b"\nmlxbatch: interrupted\n")
+    os._exit(130)
+
+
+def _install_exit_handlers() -> None:
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _exit_now)
+
+
+if os.path.basename(sys.argv[0]) == "mlxbatch":
+    _install_exit_handlers()  # the console script: before the slow imports below (no KeyboardInterrupt traceback)
+
+import typer  # noqa: E402
 
 from .errors import EXIT_INTERRUPTED, MlxbatchError
+from .types import SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a local LLM over a big file of prompts, resumably (MLX).")
@@ -35,60 +58,67 @@ def _resume_command() -> str:
     return "mlxbatch " + " ".join(shlex.quote(a) for a in args)
 
 
+_D = SamplingParams  # its class attributes are the sampling defaults the help shows
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     input: Optional[Path] = typer.Argument(None, help="prompts: .jsonl, .jsonl.gz or .parquet"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: INPUT.mlxbatch)"),
     job: Optional[Path] = typer.Option(None, "--job", help="TOML job file; options given here override it"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
-    temperature: Optional[float] = typer.Option(None, "--temperature"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    min_p: Optional[float] = typer.Option(None, "--min-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=f"tokens to generate per sample (default: {_D.max_tokens})"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=f"0 is greedy (default: {_D.temperature})"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help=f"nucleus sampling mass, (0, 1] (default: {_D.top_p})"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help=f"sample from the k likeliest tokens, 0: all (default: {_D.top_k})"),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help=f"drop tokens below min_p x the likeliest's probability (default: {_D.min_p})"),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"sampling seed; each row and sample draws its own from it (default: {_D.seed})"),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt for rows without one"),
     raw: Optional[bool] = typer.Option(None, "--raw", help="send prompts as they are, no chat template"),
-    n: Optional[int] = typer.Option(None, "--n", help="samples per prompt"),
+    n: Optional[int] = typer.Option(None, "--n", help="samples per prompt (default: 1)"),
     logprobs: Optional[bool] = typer.Option(None, "--logprobs", help="record token logprobs"),
-    top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", help="alternatives per token (0-20)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="max sequences in flight"),
-    max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40%% of memory)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8"),
-    id_field: Optional[str] = typer.Option(None, "--id-field"),
-    prompt_field: Optional[str] = typer.Option(None, "--prompt-field"),
-    messages_field: Optional[str] = typer.Option(None, "--messages-field"),
-    output_format: Optional[str] = typer.Option(None, "--output-format", help="results|openai|chat|completions|text"),
+    top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", help="alternatives per token, 0-20 (default: 0)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="max sequences in flight (default: as many as the KV budget holds)"),
+    max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40% of memory)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8 (default: auto, by backend)"),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="input field holding the row id (default: id)"),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="input field holding a plain prompt (default: prompt)"),
+    messages_field: Optional[str] = typer.Option(None, "--messages-field", help="input field holding chat messages (default: messages)"),
+    output_format: Optional[str] = typer.Option(None, "--output-format", help="results|openai|chat|completions|text (default: openai for OpenAI Batch input, else results)"),
     keep_fields: Optional[str] = typer.Option(None, "--keep-fields", help="input fields to copy into records (a,b)"),
     parquet: Optional[bool] = typer.Option(None, "--parquet", help="also write results.parquet at the end"),
     ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="default: ignore for random: models"),
-    restart: bool = typer.Option(False, "--restart", help="delete this job's results and start over"),
+    restart: Optional[bool] = typer.Option(None, "--restart", help="delete this job's results and start over"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
 ) -> None:
     """Run (or resume) a job: one output record per input row."""
+    import gc
+
     from .dashboard import Dashboard
     from .job import build_spec
-    from .runner import run_job
 
-    overrides = dict(input=input, model=model, output=output, max_tokens=max_tokens, temperature=temperature,
-                     top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=tuple(stop or ()), system=system,
-                     raw=raw, n=n, logprobs=logprobs, top_logprobs=top_logprobs, batch_size=batch_size,
-                     max_kv_gb=max_kv_gb, dtype=dtype, id_field=id_field, prompt_field=prompt_field,
-                     messages_field=messages_field, output_format=output_format,
-                     keep_fields=tuple(f for f in (keep_fields or "").split(",") if f), parquet=parquet,
-                     ignore_eos=ignore_eos, restart=restart or None)
     try:
-        spec = build_spec(job, overrides)
+        spec = build_spec(job, _options(ctx, "job", "quiet"))  # checked before the model loads
+        from .runner import run_job
+
         with Dashboard(quiet=quiet) as dash:
             try:
-                stats = run_job(spec, progress=dash.update, resume_hint=_resume_command())
+                # Startup objects leave the collector's scans: a full collection over them (~0.1-0.2 s
+                # with torch imported) now and then stalls the decode loop. The CLI's choice, not the library's.
+                stats = run_job(spec, progress=dash.update, resume_hint=_resume_command(), on_loaded=gc.freeze)
             except MlxbatchError:
                 dash.stop()
                 raise
             dash.summary(stats, complete=True)
     except MlxbatchError as err:
         _fail(err)
+
+
+def _options(ctx: typer.Context, *skip: str) -> dict:
+    """The command's parsed parameters by name (they are named as JobSpec's keys), less `skip`."""
+    return {k: v for k, v in ctx.params.items() if k not in skip}
 
 
 @app.command()
@@ -104,18 +134,21 @@ def status(folder: Path = typer.Argument(..., help="a job's output folder")) -> 
 
 @app.command()
 def validate(
-    input: Path = typer.Argument(...),
-    id_field: str = typer.Option("id", "--id-field"),
-    prompt_field: str = typer.Option("prompt", "--prompt-field"),
-    messages_field: str = typer.Option("messages", "--messages-field"),
+    ctx: typer.Context,
+    input: Path = typer.Argument(..., help="prompts: .jsonl, .jsonl.gz or .parquet"),
+    job: Optional[Path] = typer.Option(None, "--job", help="TOML job file to check too (its field names apply)"),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="input field holding the row id (default: id)"),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="input field holding a plain prompt (default: prompt)"),
+    messages_field: Optional[str] = typer.Option(None, "--messages-field", help="input field holding chat messages (default: messages)"),
     max_problems: int = typer.Option(50, "--max-problems", help="problems to list (all are counted)"),
 ) -> None:
     """Check every row without loading a model; non-zero exit if any row is bad."""
+    from .job import build_spec
     from .report import validate_input
 
     try:
-        text, problems = validate_input(input, id_field=id_field, prompt_field=prompt_field,
-                                        messages_field=messages_field, max_problems=max_problems)
+        spec = build_spec(job, _options(ctx, "job", "max_problems"))
+        text, problems = validate_input(spec, max_problems=max_problems)
     except MlxbatchError as err:
         _fail(err)
     typer.echo(text)
@@ -222,16 +255,33 @@ def models_info(name: str = typer.Argument(...)) -> None:
 
 
 def main() -> None:
+    _install_exit_handlers()
+    code = 0
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("mlxbatch: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exc:  # typer/click end every command this way
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            typer.echo(str(exc.code), err=True)
     except MlxbatchError as err:  # raised outside a command's own handler
         typer.echo(f"mlxbatch: error: {err}", err=True)
-        sys.exit(err.exit_code)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        typer.echo("mlxbatch: interrupted", err=True)
+        code = EXIT_INTERRUPTED
     except Exception:
         if os.environ.get("MLXBATCH_DEBUG"):
-            raise
+            traceback.print_exc()
         typer.echo(f"mlxbatch: internal error: {sys.exc_info()[1]!r} (set MLXBATCH_DEBUG=1 for a traceback)", err=True)
-        sys.exit(1)
+        code = 1
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Flush what we printed, then exit without running library destructors (all output is committed)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

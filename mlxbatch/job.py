@@ -1,70 +1,178 @@
-"""A job: one frozen JobSpec from a TOML job file merged with command-line options.
+"""A job: one frozen JobSpec (sampling settings in its SamplingParams) from a TOML job file and options.
 
-Owns: the option names and defaults, job-file loading (unknown keys are
-errors), validation, the output folder default, and the settings that a
-resume must match. Does not own: running the job (runner.py).
+Owns: the rules every setting's value must follow (`RULES`, one table checked for command-line
+options, job-file keys and per-row fields alike), job-file loading (unknown keys are errors), the
+output folder default, and the settings a resume must match (derived from the fields). The job
+file is flat: sampling keys (max_tokens, temperature, ...) sit beside the others. Does not own:
+running the job (runner.py) or reading rows (render.py applies the same rules to them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import UsageError
-from .models import DEFAULT_MODEL, DTYPES
+from .types import DEFAULT_MODEL, DTYPES, SamplingParams
 
 OUTPUT_FORMATS = ("results", "openai", "chat", "completions", "text")
 MAX_N = 256
+MAX_TOKENS = 1_000_000
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values one setting accepts; `check` returns the value (normalised) or raises ValueError."""
+
+    kind: str  # "int" | "number" | "bool" | "text" | "name" | "texts" | "choice" | "path"
+    lo: float | None = None
+    hi: float | None = None
+    is_open_low: bool = False
+    choices: tuple = ()
+    is_optional: bool = False  # None is allowed (it means "automatic")
+    sep: str | None = None  # for "texts": one string is split on this
+
+    def check(self, v):
+        if v is None and self.is_optional:
+            return None
+        return _CHECKS[self.kind](self, v)
+
+    @property
+    def interval(self) -> str:
+        if self.hi is None:
+            return f"> {self.lo}" if self.is_open_low else f">= {self.lo}"
+        return f"{'(' if self.is_open_low else '['}{self.lo}, {self.hi}]"
+
+    def is_within(self, v) -> bool:
+        above = v > self.lo if self.is_open_low else v >= self.lo
+        return above and (self.hi is None or v <= self.hi)
+
+
+def _int(r: Rule, v):
+    if isinstance(v, bool) or not isinstance(v, int) or not r.is_within(v):
+        raise ValueError(f"must be an integer {'in ' if r.hi is not None else ''}{r.interval}, got {v!r}")
+    return v
+
+
+def _number(r: Rule, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not r.is_within(v):  # NaN fails is_within
+        raise ValueError(f"must be a number {'in ' if r.hi is not None else ''}{r.interval}, got {v!r}")
+    return float(v)
+
+
+def _bool(r: Rule, v):
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {v!r}")
+    return v
+
+
+def _text(r: Rule, v):
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string, got {v!r}")
+    return v
+
+
+def _name(r: Rule, v):
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _texts(r: Rule, v):
+    if isinstance(v, str):
+        v = v.split(r.sep) if r.sep else [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError(f"must be a non-empty string or a list of them, got {v!r}")
+    return tuple(v)
+
+
+def _choice(r: Rule, v):
+    if v not in r.choices:
+        raise ValueError(f"must be one of {', '.join(r.choices)}, got {v!r}")
+    return v
+
+
+def _path(r: Rule, v):
+    if not isinstance(v, (str, Path)) or not str(v):
+        raise ValueError(f"must be a path, got {v!r}")
+    return Path(v)
+
+
+_CHECKS = {"int": _int, "number": _number, "bool": _bool, "text": _text, "name": _name, "texts": _texts,
+           "choice": _choice, "path": _path}
+
+# Every key a user can set, by the name they type: `--max-tokens`, `max_tokens = ...` in a job
+# file, or `"max_tokens": ...` in a row (ROW_KEYS). One table, so the three can never disagree.
+RULES: dict[str, Rule] = {
+    "max_tokens": Rule("int", 1, MAX_TOKENS),
+    "temperature": Rule("number", 0, 100),
+    "top_p": Rule("number", 0, 1, is_open_low=True),
+    "top_k": Rule("int", 0, 1 << 30),
+    "min_p": Rule("number", 0, 1),
+    "seed": Rule("int", -(1 << 63), (1 << 64) - 1),  # what JSON (and the manifest) can hold
+    "stop": Rule("texts"),
+    "logprobs": Rule("bool"),
+    "top_logprobs": Rule("int", 0, MAX_TOP_LOGPROBS),
+    "n": Rule("int", 1, MAX_N),
+    "input": Rule("path", is_optional=True),
+    "output": Rule("path", is_optional=True),
+    "model": Rule("name"),
+    "dtype": Rule("choice", choices=DTYPES),
+    "system": Rule("text", is_optional=True),
+    "raw": Rule("bool"),
+    "id_field": Rule("name"),
+    "prompt_field": Rule("name"),
+    "messages_field": Rule("name"),
+    "output_format": Rule("choice", choices=OUTPUT_FORMATS, is_optional=True),
+    "keep_fields": Rule("texts", sep=","),
+    "parquet": Rule("bool"),
+    "batch_size": Rule("int", 1, 1 << 20, is_optional=True),
+    "max_kv_gb": Rule("number", 0, 1 << 20, is_open_low=True, is_optional=True),
+    "ignore_eos": Rule("bool", is_optional=True),
+    "restart": Rule("bool"),
+    "commit_seconds": Rule("number", 0, 3600),
+}
+# The SamplingParams fields set by a key of the same name; `logprobs` is built from two keys.
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name != "logprobs")
+# Keys a row may set for itself (OpenAI's max_completion_tokens is an alias of max_tokens).
+ROW_KEYS = (*SAMPLING_KEYS, "logprobs", "top_logprobs", "n")
+
+_RUN_ONLY = {"is_resume_setting": False}  # how the job runs, not what it writes: a resume may change it
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    input: Path | None = None
-    output: Path | None = None
-    model: str = DEFAULT_MODEL
-    dtype: str = "auto"
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
+    input: Path | None = field(default=None, metadata=_RUN_ONLY)
+    output: Path | None = field(default=None, metadata=_RUN_ONLY)
+    model: str = field(default=DEFAULT_MODEL, metadata=_RUN_ONLY)  # the manifest's model entry checks it
+    dtype: str = field(default="auto", metadata=_RUN_ONLY)  # likewise
+    sampling: SamplingParams = SamplingParams()
     system: str | None = None
     raw: bool = False
     n: int = 1
-    logprobs: bool = False
-    top_logprobs: int = 0
     id_field: str = "id"
     prompt_field: str = "prompt"
     messages_field: str = "messages"
     output_format: str | None = None  # None: "openai" for OpenAI Batch input, else "results"
     keep_fields: tuple[str, ...] = ()
-    parquet: bool = False
-    batch_size: int | None = None
-    max_kv_gb: float | None = None
-    ignore_eos: bool | None = None
-    restart: bool = False
-    commit_seconds: float = 2.0
+    parquet: bool = field(default=False, metadata=_RUN_ONLY)
+    batch_size: int | None = field(default=None, metadata=_RUN_ONLY)
+    max_kv_gb: float | None = field(default=None, metadata=_RUN_ONLY)
+    ignore_eos: bool | None = None  # None: ignore for random: models (resolved by `validate`)
+    restart: bool = field(default=False, metadata=_RUN_ONLY)
+    commit_seconds: float = field(default=2.0, metadata=_RUN_ONLY)
 
     def validate(self) -> "JobSpec":
+        """Checks that need several fields; returns the spec with automatic values resolved."""
         if self.input is None:
             raise UsageError("no input file: give INPUT or set `input` in the job file")
-        _check(self.max_tokens >= 1, "max_tokens must be >= 1")
-        _check(self.temperature >= 0, "temperature must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        _check(self.top_k >= 0, "top_k must be >= 0")
-        _check(0 <= self.min_p <= 1, "min_p must be in [0, 1]")
-        _check(1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]")
-        _check(0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]")
-        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
-        _check(self.output_format in (None, *OUTPUT_FORMATS),
-               f"output_format must be one of {', '.join(OUTPUT_FORMATS)}")
-        _check(self.batch_size is None or self.batch_size >= 1, "batch_size must be >= 1")
         if self.output is not None and self.output.resolve() == self.input.resolve():
             raise UsageError(f"output {self.output} is the input file; choose another folder")
+        if self.ignore_eos is None:  # resolved here so a resume compares what runs, not what was typed
+            return replace(self, ignore_eos=self.model.startswith("random:"))
         return self
 
     @property
@@ -77,51 +185,63 @@ class JobSpec:
         return self.input.parent / f"{name}.mlxbatch"
 
     def resume_settings(self) -> dict:
-        """What a resume must match: everything that changes an output."""
-        keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "system", "raw",
-                "n", "logprobs", "top_logprobs", "id_field", "prompt_field", "messages_field",
-                "output_format", "keep_fields", "ignore_eos")
-        return {k: _plain(getattr(self, k)) for k in keys}
+        """What a resume must match: every field that changes an output, sampling ones flattened."""
+        out = dataclasses.asdict(self.sampling)
+        for f in fields(self):
+            if f.name != "sampling" and f.metadata.get("is_resume_setting", True):
+                out[f.name] = getattr(self, f.name)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
+def check_values(values: dict, name_of) -> dict:
+    """Each value through its rule; a bad one is a usage error naming it as `name_of(key)` does."""
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = RULES[key].check(value)
+        except ValueError as exc:
+            raise UsageError(f"{name_of(key)} {exc}") from None
+    return out
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UsageError(message)
+def logprobs_setting(logprobs: bool, top_logprobs: int) -> int | None:
+    """SamplingParams.logprobs from the two keys users set: off, or how many alternatives."""
+    return top_logprobs if logprobs else None
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(JobSpec)}
-_PATHS = ("input", "output")
+def make_spec(values: dict) -> JobSpec:
+    """A JobSpec from checked flat values: sampling keys go into its SamplingParams."""
+    values = dict(values)
+    sampling = {k: values.pop(k) for k in SAMPLING_KEYS if k in values}
+    logprobs = logprobs_setting(values.pop("logprobs", False), values.pop("top_logprobs", 0) or 0)
+    return JobSpec(**values, sampling=SamplingParams(**sampling, logprobs=logprobs)).validate()
 
 
 def load_job_file(path: Path) -> dict:
-    """Options from a TOML job file; relative paths are relative to the file."""
+    """Checked options from a TOML job file; relative paths are relative to the file."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path}: no such job file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from exc
-    unknown = sorted(set(data) - set(_FIELDS) - {"restart"})
+    unknown = sorted(set(data) - set(RULES))
     if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
-    for key in _PATHS:
-        if key in data:
-            data[key] = (path.parent / data[key]).resolve() if not Path(data[key]).is_absolute() else Path(data[key])
-    for key in ("stop", "keep_fields"):
-        if key in data:
-            data[key] = tuple([data[key]] if isinstance(data[key], str) else data[key])
+        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(RULES))}")
+    data = check_values(data, lambda key: f"{path}: {key}")
+    for key in ("input", "output"):
+        if data.get(key) is not None and not data[key].is_absolute():
+            data[key] = (path.parent / data[key]).resolve()
     return data
 
 
-def build_spec(job_file: Path | None, overrides: dict) -> JobSpec:
-    """Job file values, then command-line values that were given (not None)."""
+def option_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def build_spec(job_file: Path | None, options: dict) -> JobSpec:
+    """Job file values, then the command-line options that were given (not None, not empty)."""
     values = load_job_file(job_file) if job_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    try:
-        return JobSpec(**values).validate()
-    except TypeError as exc:
-        raise UsageError(f"bad job settings: {exc}") from exc
+    given = {k: v for k, v in options.items() if v is not None and v not in ((), [])}
+    values.update(check_values(given, option_name))
+    return make_spec(values)

@@ -10,36 +10,14 @@ reading files (source.py) or running the model (engine.py).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from .types import SamplingParams
 from .errors import RowError
-from .job import MAX_N, JobSpec
-from .source import Row
+from .job import ROW_KEYS, RULES, JobSpec, logprobs_setting
+from .types import Item, Row, SamplingParams
 
 OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-MAX_TOKENS_CAP = 1_000_000
-
-
-@dataclass(frozen=True)
-class Item:
-    index: int
-    line: int
-    id: str
-    kind: str  # "prompt" | "chat" | "openai-chat" | "openai-completion"
-    tokens: list | None  # None until render_many tokenizes
-    params: SamplingParams  # seed filled per sample by `request_params`
-    n: int = 1
-    messages: list | None = None
-    prompt: str | None = None
-    custom_id: str | None = None
-    model_field: str | None = None
-    kept: dict = field(default_factory=dict)
-
-    @property
-    def is_openai(self) -> bool:
-        return self.kind.startswith("openai")
 
 
 def raw_id(row: Row, id_field: str):
@@ -168,31 +146,19 @@ class Renderer:
         return replace(item, tokens=tokens)
 
     def _params(self, o: dict, line: int, is_openai: bool) -> tuple[SamplingParams, int]:
-        s = self.spec
-        max_tokens = o.get("max_completion_tokens", o.get("max_tokens", s.max_tokens))
-        max_tokens = _int(max_tokens, line, "max_tokens", 1, MAX_TOKENS_CAP)
-        stop = o.get("stop", s.stop)
-        stop = (stop,) if isinstance(stop, str) else stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
-            raise RowError("invalid_field", f"line {line}: field 'stop' must be a string or a list of non-empty strings")
-        logprobs = o.get("logprobs", s.logprobs)
-        top = o.get("top_logprobs", s.top_logprobs)
-        if not is_openai and isinstance(logprobs, int) and not isinstance(logprobs, bool):
-            logprobs, top = True, logprobs  # completions-style "logprobs": n
-        if not isinstance(logprobs, bool):
-            raise RowError("invalid_field", f"line {line}: field 'logprobs' must be true or false")
-        top = _int(top if top is not None else 0, line, "top_logprobs", 0, 20)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=_num(o.get("temperature", s.temperature), line, "temperature", 0, 100),
-            top_p=_num(o.get("top_p", s.top_p), line, "top_p", 0, 1, open_low=True),
-            top_k=_int(o.get("top_k", s.top_k), line, "top_k", 0, 1 << 30),
-            min_p=_num(o.get("min_p", s.min_p), line, "min_p", 0, 1),
-            seed=_int(o.get("seed", s.seed), line, "seed", -(1 << 63), 1 << 64),
-            stop=tuple(stop),
-            logprobs=top if logprobs else None,
-        )
-        return params, _int(o.get("n", s.n), line, "n", 1, MAX_N)
+        """The row's own settings where it gives them (checked by the job's RULES), else the job's."""
+        base = self.spec.sampling
+        given = {k: o[k] for k in ROW_KEYS if o.get(k) is not None}  # null means "the job's value"
+        if o.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
+            given["max_tokens"] = o["max_completion_tokens"]
+        if not is_openai and _is_int(given.get("logprobs")):
+            given["logprobs"], given["top_logprobs"] = True, given["logprobs"]  # completions-style "logprobs": n
+        given = {k: _checked(k, v, line) for k, v in given.items()}
+        if "logprobs" in given or "top_logprobs" in given:
+            is_on = given.pop("logprobs", base.logprobs is not None)
+            given["logprobs"] = logprobs_setting(is_on, given.pop("top_logprobs", base.logprobs or 0))
+        n = given.pop("n", self.spec.n)
+        return replace(base, **given), n
 
 
 def request_params(item: Item, sample: int) -> SamplingParams:
@@ -200,18 +166,15 @@ def request_params(item: Item, sample: int) -> SamplingParams:
     return replace(item.params, seed=derive_seed(item.params.seed, item.id, sample))
 
 
-def _int(v, line: int, name: str, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise RowError("invalid_field", f"line {line}: field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
-    return v
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _num(v, line: int, name: str, lo: float, hi: float, *, open_low: bool = False) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (lo < v if open_low else lo <= v) and v <= hi
-    if not ok:
-        interval = f"({lo}, {hi}]" if open_low else f"[{lo}, {hi}]"
-        raise RowError("invalid_field", f"line {line}: field {name!r} must be a number in {interval}, got {v!r}")
-    return float(v)
+def _checked(key: str, value, line: int):
+    try:
+        return RULES[key].check(value)
+    except ValueError as exc:
+        raise RowError("invalid_field", f"line {line}: field {key!r} {exc}") from None
 
 
 def _text(v, line: int, name: str) -> str:

@@ -44,10 +44,9 @@ def job_status(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def validate_input(path: Path, *, id_field: str, prompt_field: str, messages_field: str,
-                   max_problems: int) -> tuple[str, int]:
-    """Every row through the same rules a run applies, except token counts."""
-    spec = JobSpec(input=path, id_field=id_field, prompt_field=prompt_field, messages_field=messages_field)
+def validate_input(spec: JobSpec, *, max_problems: int) -> tuple[str, int]:
+    """Every row of `spec.input` through the same rules a run applies, except token counts."""
+    path, id_field = spec.input, spec.id_field
     renderer = Renderer(spec, None, context_length=1 << 62)
     problems, shown, rows, seen = 0, [], 0, set()
     for row in source.read_rows(path):

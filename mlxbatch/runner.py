@@ -8,7 +8,6 @@ log and the end-of-job Parquet export. Does not own: any stage's internals.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import signal
@@ -197,18 +196,19 @@ class JobLoop:
 
 
 def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None,
-            resume_hint: str = "", lm: models.LoadedModel | None = None, engine_factory=Engine) -> JobStats:
+            resume_hint: str = "", lm: models.LoadedModel | None = None, engine_factory=Engine,
+            on_loaded: Callable[[], None] | None = None) -> JobStats:
     """Run (or resume) a job to completion; raises Interrupted after a clean stop.
 
-    `engine_factory` builds the engine (tests pass a stand-in with Engine's interface).
+    `engine_factory` builds the engine (tests pass a stand-in with Engine's interface);
+    `on_loaded` runs once the model is loaded (the CLI freezes the collector there).
     """
     source.check_readable(spec.input)
     source.kind_of(spec.input)
     _check_columns(spec)
     lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos)
-    # Startup objects (modules, model, tokenizer) leave the collector's scans: otherwise a full
-    # collection over them (~0.1-0.2 s with torch imported) now and then stalls the decode loop.
-    gc.freeze()
+    if on_loaded:
+        on_loaded()
     cp = Checkpoint.open(spec.output_dir, build_manifest(spec, lm), restart=spec.restart)
     stats = JobStats(total_rows=source.count_rows(spec.input), done_before=cp.num_done, errors=cp.num_errors,
                      model=lm.name, device=f"{models.backend()} {mx.default_device()} {lm.dtype}",

@@ -12,8 +12,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import mlx.core as mx
-
 from .types import EngineStats
 
 _WINDOW_SECONDS = 10.0
@@ -99,6 +97,8 @@ class JobStats:
         return self.engine.active / self.engine.capacity if self.engine.capacity else 0.0
 
     def memory(self) -> dict:
+        import mlx.core as mx  # here, not at the top: `status` reads fmt_duration without loading MLX
+
         return {"rss_peak_mb": round(rss_mb(), 1), "mlx_active_mb": round(mx.get_active_memory() / 1e6, 1),
                 "mlx_peak_mb": round(mx.get_peak_memory() / 1e6, 1)}
 
