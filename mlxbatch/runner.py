@@ -1,9 +1,11 @@
 """`run_job(spec)`: wires source -> render -> engine -> sink + checkpoint.
 
 Owns: the main loop (feed the look-ahead window, step the engine, commit
-finished rows), duplicate-id detection, signal handling (first Ctrl-C/SIGTERM
-stops and commits, a second Ctrl-C exits at once), the manifest, the metrics
-log and the end-of-job Parquet export. Does not own: any stage's internals.
+finished rows by time and by count), duplicate-id detection (on ids as
+written), signal handling while the loop runs (a first SIGINT/SIGTERM/SIGHUP
+stops and commits, a second exits at once), the manifest, the metrics log and
+the end-of-job Parquet export. Does not own: any stage's internals, file names
+or the state schema (checkpoint.py), or how the process exits (cli.py).
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import mlx.core as mx
 import orjson
 
 from . import models, source
-from .checkpoint import ERRORS, RESULTS, Checkpoint, read_state
+from .checkpoint import ERRORS, METRICS, RESULTS, Checkpoint, make_state, open_append, read_state
 from .engine import Engine, Request
 from .errors import InputFileError, Interrupted, MlxbatchError, RowError
 from .job import JobSpec
+from .ids import IdSet, written_id
 from .render import Item, Renderer, raw_id, request_params
-from .sink import RecordMaker, write_parquet
+from .sink import RecordMaker, check_kept_fields, write_parquet
 from .stats import JobStats
 
-STATE_FORMAT = "mlxbatch-state v1"
+_COMMIT_ROWS = 512  # also commit once this many rows wait, however short the time since the last
 _METRICS_SECONDS = 10.0
 _RENDER_BATCH = 64  # rows tokenized per call (the tokenizer runs a batch in parallel)
 
@@ -40,21 +43,25 @@ class _InFlight:
     remaining: int = 0
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _StopFlag:
-    """First SIGINT/SIGTERM asks for a clean stop; a second SIGINT exits at once."""
+    """A first SIGINT/SIGTERM/SIGHUP asks for a clean stop; a second one exits at once."""
 
     def __init__(self):
         self.is_set = False
 
     def handle(self, signum, frame) -> None:
-        if self.is_set and signum == signal.SIGINT:
+        if self.is_set:
+            os.write(2, b"mlxbatch: interrupted again; leaving now (committed rows are safe)\n")
             os._exit(130)  # committed rows are already durable; the rest reruns
         self.is_set = True
 
 
 @contextmanager
 def _signals(flag: _StopFlag):
-    old = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, flag.handle) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -96,7 +103,7 @@ class JobLoop:
         self.window = max(4 * self.engine.max_batch, 256)
         self.rows = source.read_rows(spec.input)
         self.is_exhausted = False
-        self.seen: set[int] = set()
+        self.seen = IdSet()
         self.inflight: dict[int, _InFlight] = {}
         self.stop = _StopFlag()
         self.stats.engine = self.engine.stats
@@ -134,14 +141,9 @@ class JobLoop:
                 self._admit(row, rendered)
 
     def _is_duplicate(self, row: source.Row) -> bool:
-        rid = raw_id(row, self.spec.id_field)
-        if rid is None or (row.data and self.spec.id_field not in row.data and "custom_id" not in row.data):
-            return False  # line-derived ids are unique by construction
-        key = hash((type(rid).__name__, rid)) if isinstance(rid, (str, int)) else hash(repr(rid))
-        if key in self.seen:
-            return True
-        self.seen.add(key)
-        return False
+        """Ids are compared as written: 77 and "77", or line 95's `line-95` and an explicit one, clash."""
+        rid = written_id(row, self.spec.id_field)
+        return rid is not None and not self.seen.add(rid)
 
     def _admit(self, row: source.Row, item) -> None:
         if isinstance(item, RowError):
@@ -174,24 +176,22 @@ class JobLoop:
     def _tick(self) -> None:
         self.stats.sample()
         now = time.monotonic()
-        if now - self.cp.last_commit >= self.spec.commit_seconds:
+        if now - self.cp.last_commit >= self.spec.commit_seconds or self.cp.num_pending >= _COMMIT_ROWS:
             self.commit()
         if now - self._last_metrics >= _METRICS_SECONDS:
             self._last_metrics = now
-            with open(self.cp.folder / "metrics.jsonl", "ab") as f:  # best effort, not fsynced
+            with open_append(self.cp.folder / METRICS) as f:  # best effort, not fsynced
                 f.write(orjson.dumps(self.stats.snapshot(), option=orjson.OPT_APPEND_NEWLINE))
         self.progress(self.stats)
 
     def commit(self, *, complete: bool = False) -> None:
         prev, s = self._prev_state, self.stats
-        state = {
-            "format": STATE_FORMAT, "rows_done": self.cp.num_done, "rows_total": s.total_rows,
-            "errors": self.cp.num_errors, "complete": complete,
-            "generated_tokens": prev.get("generated_tokens", 0) + s.engine.generated_tokens,
-            "prompt_tokens": prev.get("prompt_tokens", 0) + s.engine.prompt_tokens,
-            "seconds": round(prev.get("seconds", 0) + s.elapsed, 2),
-            "gen_tok_s_last_run": round(s.gen_tps_avg, 1), "model": s.model, "device": s.device,
-        }
+        state = make_state(
+            rows_done=self.cp.num_done, rows_total=s.total_rows, errors=self.cp.num_errors, complete=complete,
+            generated_tokens=prev.get("generated_tokens", 0) + s.engine.generated_tokens,
+            prompt_tokens=prev.get("prompt_tokens", 0) + s.engine.prompt_tokens,
+            seconds=round(prev.get("seconds", 0) + s.elapsed, 2),
+            gen_tok_s_last_run=round(s.gen_tps_avg, 1), model=s.model, device=s.device)
         self.cp.commit(state)
 
 
@@ -206,6 +206,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     source.check_readable(spec.input)
     source.kind_of(spec.input)
     _check_columns(spec)
+    check_kept_fields(spec.output_format, spec.keep_fields)
     lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos)
     if on_loaded:
         on_loaded()

@@ -2,22 +2,24 @@
 
 Owns: `results` records, OpenAI Batch output lines (chat.completion and
 text_completion bodies, with logprobs in OpenAI's shape), the finetuning shapes
-mlx-lm's LoRA trainer reads (`chat`, `completions`, `text`), error records, and
-building results.parquet from committed records. Does not own: durability
-(checkpoint.py).
+mlx-lm's LoRA trainer reads (`chat`, `completions`, `text`), error records, which
+fields a format generates (kept input fields may not clash with them), and
+streaming results.parquet from committed records. Does not own: durability or
+file names (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
 import orjson
 
-from .types import Completion
+from .checkpoint import PARQUET, RESULTS, io_error, committed_end, committed_lines, create_temp, publish
+from .errors import UsageError
 from .render import Item
+from .types import Completion
 
 _DUMP = orjson.OPT_APPEND_NEWLINE
 
@@ -128,20 +130,130 @@ class RecordMaker:
         return orjson.dumps(rec, option=_DUMP)
 
 
-def write_parquet(folder: Path) -> Path | None:
-    """results.parquet from results.jsonl (committed records only), replaced atomically.
+# ------------------------------------------------------------ kept fields
+GENERATED_FIELDS = {
+    "results": ("id", "output", "finish_reason", "usage", "sample", "logprobs"),
+    "openai": ("id", "custom_id", "response", "error"),
+    "chat": ("messages", "finish_reason", "sample"),
+    "completions": ("prompt", "completion", "finish_reason", "sample"),
+    "text": ("text", "finish_reason", "sample"),
+}
 
-    Holds the records in memory while converting (one schema across all rows).
+
+def check_kept_fields(fmt: str | None, keep: tuple[str, ...]) -> None:
+    """Refuse --keep-fields that name a field the record generates (it would replace the model's output).
+
+    Refused rather than nested: kept fields stay top-level, where trainers and
+    readers of each format expect them, and a clash is a mistake to fix before any work.
     """
+    formats = (fmt,) if fmt else ("results", "openai")  # no format: results, or openai for Batch lines
+    clash = sorted({k for f in formats for k in GENERATED_FIELDS[f]} & set(keep))
+    if clash:
+        generated = ", ".join(sorted({k for f in formats for k in GENERATED_FIELDS[f]}))
+        raise UsageError(f"--keep-fields {', '.join(clash)}: the {' / '.join(formats)} records generate "
+                         f"{'that field' if len(clash) == 1 else 'those fields'} themselves ({generated}); "
+                         "kept fields never replace generated ones: rename the input field or drop it from "
+                         "--keep-fields")
+
+
+# ------------------------------------------------------------ Parquet
+_PARQUET_ROWS = 4096  # records per row group: memory stays ~one group, whatever the file size
+_JSON = "json"  # a column whose values have no one Arrow type: each value stored as JSON text
+
+
+def write_parquet(folder: Path) -> Path | None:
+    """results.parquet from the committed records of results.jsonl, streamed in row groups.
+
+    Two passes over the records: the first finds every key and one Arrow type per
+    key (keys whose values have no common type become JSON text columns, marked
+    in the field metadata), the second writes row groups. Replaced atomically.
+    """
+    if committed_end(folder, RESULTS) == 0:
+        return None
+    dest = folder / PARQUET
+    types = _column_types(folder)
+    while True:
+        try:
+            _write_groups(folder, dest, types)
+            return dest
+        except _BadColumn as bad:  # a value the inferred type cannot hold: store that column as JSON
+            types[bad.key] = _JSON
+
+
+class _BadColumn(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _chunks(folder: Path):
+    chunk = []
+    for line in committed_lines(folder, RESULTS):
+        chunk.append(orjson.loads(line))
+        if len(chunk) == _PARQUET_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _column_types(folder: Path) -> dict:
+    """key -> one Arrow type unifying every value seen (or _JSON), in first-seen key order."""
+    import pyarrow as pa
+
+    types: dict = {}
+    for chunk in _chunks(folder):
+        keys = dict.fromkeys(k for rec in chunk for k in rec)
+        for key in keys:
+            if types.get(key) == _JSON:
+                continue
+            try:
+                new = pa.array([rec.get(key) for rec in chunk]).type
+                old = types.get(key, pa.null())
+                types[key] = pa.unify_schemas([pa.schema([(key, old)]), pa.schema([(key, new)])],
+                                              promote_options="permissive").field(key).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+                types[key] = _JSON
+    return types
+
+
+def _schema(types: dict):
+    import pyarrow as pa
+
+    return pa.schema([pa.field(k, pa.string(), metadata={"mlxbatch": "json"}) if t == _JSON else pa.field(k, t)
+                      for k, t in types.items()])
+
+
+def _write_groups(folder: Path, dest: Path, types: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    src = folder / "results.jsonl"
-    if not src.exists() or src.stat().st_size == 0:
-        return None
-    dest = folder / "results.parquet"
-    tmp = folder / "results.parquet.tmp"
-    records = [orjson.loads(line) for line in src.read_bytes().splitlines() if line.strip()]
-    pq.write_table(pa.Table.from_pylist(records), tmp)
-    os.replace(tmp, dest)
-    return dest
+    schema = _schema(types)
+    tmp, handle = create_temp(dest)
+    try:
+        with pq.ParquetWriter(handle, schema) as writer:
+            for chunk in _chunks(folder):
+                writer.write_table(_table(chunk, types, schema), row_group_size=_PARQUET_ROWS)
+        publish(tmp, dest, handle)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise io_error(f"writing {dest}", exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        handle.close()
+
+
+def _table(chunk: list, types: dict, schema):
+    import pyarrow as pa
+
+    columns = []
+    for key, t in types.items():
+        values = [rec.get(key) for rec in chunk]
+        if t == _JSON:
+            values = [None if v is None else orjson.dumps(v).decode() for v in values]
+        try:
+            columns.append(pa.array(values, type=schema.field(key).type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            raise _BadColumn(key) from None
+    return pa.Table.from_arrays(columns, schema=schema)

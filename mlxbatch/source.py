@@ -19,6 +19,8 @@ from .errors import InputFileError, RowError
 from .types import Row
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+MAX_LINE_BYTES = 8 << 20  # a longer line is a row error, read past in blocks (never held whole)
+_BOM = b"\xef\xbb\xbf"
 _PARQUET_BATCH = 1024
 
 
@@ -65,7 +67,7 @@ def count_rows(path: Path) -> int:
         return _parquet_file(path).metadata.num_rows
     try:
         with _open_jsonl(path) as f:
-            return sum(1 for line in f if line.strip())
+            return sum(1 for _, raw in _lines(f) if raw is None or raw.strip())
     except (OSError, EOFError) as exc:
         raise InputFileError(f"{path}: cannot read ({exc})") from exc
 
@@ -82,15 +84,37 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
     index = 0
     try:
         with _open_jsonl(path) as f:
-            for line_no, raw in enumerate(f, start=1):
-                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]  # a UTF-8 byte order mark is not part of the JSON
-                if not raw.strip():
+            for line_no, raw in _lines(f):
+                if raw is None:
+                    yield Row(index, line_no, None, RowError(
+                        "line_too_long", f"line {line_no}: longer than {MAX_LINE_BYTES >> 20} MiB; not read"))
+                elif not raw.strip():
                     continue
-                yield _parse_line(raw, index, line_no)
+                else:
+                    yield _parse_line(raw, index, line_no)
                 index += 1
     except (OSError, EOFError) as exc:  # gzip truncated or unreadable mid-way
         raise InputFileError(f"{path}: read failed after {index} rows ({exc})") from exc
+
+
+def _lines(f) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line; None for a line over MAX_LINE_BYTES, skipped in bounded reads.
+
+    The BOM of line 1 is dropped here, so counting and reading agree on which lines are blank.
+    """
+    line_no = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        line_no += 1
+        if line_no == 1 and raw.startswith(_BOM):
+            raw = raw[3:]  # a UTF-8 byte order mark is not part of the JSON
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            raw = None
+        yield line_no, raw
 
 
 def _parse_line(raw: bytes, index: int, line_no: int) -> Row:
