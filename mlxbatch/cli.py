@@ -179,7 +179,8 @@ def bench(
 @app.command("export")
 def export_cmd(
     folder: Path = typer.Argument(..., help="a finished job's output folder"),
-    fmt: str = typer.Option("chat", "--format", help="chat | completions | text"),
+    fmt: str = typer.Option("chat", "--format", help="chat | completions | text | records (every record as written, errors too)"),
+    order: str = typer.Option("shuffled", "--order", help="shuffled (seeded) | input: input-row order, splits contiguous"),
     split: str = typer.Option("0.9,0.1", "--split", help="train,valid[,test] fractions"),
     to: Path = typer.Option(Path("data"), "--to", help="folder for train.jsonl / valid.jsonl"),
     drop_truncated: bool = typer.Option(False, "--drop-truncated", help="drop outputs that hit max_tokens"),
@@ -192,7 +193,7 @@ def export_cmd(
 
     try:
         info = export(folder, fmt=fmt, split=split, to=to, drop_truncated=drop_truncated, dedupe=dedupe,
-                      seed=seed, parquet=parquet)
+                      seed=seed, parquet=parquet, order=order)
     except MlxbatchError as err:
         _fail(err)
     typer.echo(f"wrote {to}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "dropped")

@@ -4,20 +4,26 @@ Owns: reading results.jsonl of a job written with --output-format chat,
 completions or text (or results, exported as completions when the input had
 prompts), filtering (token-limit hits, exact duplicates), a seeded split, and
 writing JSONL (and Parquet if asked) in the shapes mlx-lm's LoRA trainer and
-TRL read. Does not own: generating the records (runner.py).
+TRL read; `--order input` streams the records in input-row order (the journal
+sorted by row, records read by offset). Does not own: generating the records
+(runner.py) or the journal's layout (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import random
+from array import array
 from pathlib import Path
 
 import orjson
 
+from .checkpoint import _OFFSET_MASK, FILES, JOURNAL, _journal_entries, read_bytes
 from .errors import InputFileError, UsageError
 
 SHAPES = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
 _BOOKKEEPING = ("finish_reason", "sample")
+ORDERS = ("shuffled", "input")
+SPLIT_NAMES = ("train", "valid", "test")
 
 
 def _records(folder: Path):
@@ -41,12 +47,38 @@ def _parse_split(split: str) -> list[float]:
 
 
 def export(folder: Path, *, fmt: str, split: str, to: Path, drop_truncated: bool, dedupe: bool,
-           seed: int = 0, parquet: bool = False) -> dict:
-    if fmt not in SHAPES:
-        raise UsageError(f"--format must be one of {', '.join(SHAPES)}")
+           seed: int = 0, parquet: bool = False, order: str = "shuffled") -> dict:
+    if fmt not in (*SHAPES, "records"):
+        raise UsageError(f"--format must be one of {', '.join(SHAPES)}, records")
+    if order not in ORDERS:
+        raise UsageError(f"--order must be one of {', '.join(ORDERS)}, not {order!r}")
     fractions = _parse_split(split)
-    keep, seen, dropped = [], set(), {"truncated": 0, "duplicate": 0, "other_shape": 0}
-    for rec in _records(folder):
+    dropped = {"truncated": 0, "duplicate": 0, "other_shape": 0}
+    records = records_in_input_order(folder) if order == "input" else _records(folder)
+    kept = _kept(records, fmt, drop_truncated=drop_truncated, dedupe=dedupe, dropped=dropped)
+    if order == "input":
+        to.mkdir(parents=True, exist_ok=True)
+        spool = to / ".export-spool.jsonl"  # streamed through a file: never all records in memory
+        total = _spool(kept, spool)
+    else:
+        keep = list(kept)
+        total = len(keep)
+    if not total:
+        raise InputFileError(f"{folder}: no {fmt!r} records to export (dropped: {dropped}); "
+                             f"run the job with --output-format {fmt}")
+    if order == "input":
+        return _split_spool(spool, total, fractions, to, parquet) | {"dropped": dropped}
+    random.Random(seed).shuffle(keep)
+    return _write_splits(keep, fractions, to, parquet) | {"dropped": dropped}
+
+
+def _kept(records, fmt: str, *, drop_truncated: bool, dedupe: bool, dropped: dict):
+    """The records worth exporting, bookkeeping stripped; counts what it drops in `dropped`."""
+    seen = set()
+    for rec in records:
+        if fmt == "records":  # every record as the job wrote it, errors included
+            yield rec
+            continue
         if not all(k in rec for k in SHAPES[fmt]):
             dropped["other_shape"] += 1
             continue
@@ -59,16 +91,85 @@ def export(folder: Path, *, fmt: str, split: str, to: Path, drop_truncated: bool
             dropped["duplicate"] += 1
             continue
         seen.add(key)
-        keep.append(clean)
-    if not keep:
-        raise InputFileError(f"{folder}: no {fmt!r} records to export (dropped: {dropped}); "
-                             f"run the job with --output-format {fmt}")
-    random.Random(seed).shuffle(keep)
-    return _write_splits(keep, fractions, to, parquet) | {"dropped": dropped}
+        yield clean
+
+
+# ------------------------------------------------------------ input order, streaming
+def _row_spans(folder: Path):
+    """(file id, start, end) of each committed row's records, by input row: the journal sorted by row.
+
+    Memory: three small arrays of one entry per row (the index), never the records themselves.
+    """
+    entries = _journal_entries(read_bytes(folder / JOURNAL)) if (folder / JOURNAL).is_file() else []
+    num_rows = 1 + max((row for row, _ in entries), default=-1)
+    starts, ends, fids = array("q", [-1]) * num_rows, array("q", [0]) * num_rows, bytearray(num_rows)
+    last_end = [0] * len(FILES)  # a file's records are in journal order: a row starts where the last ended
+    for row, packed in entries:
+        fid, end = packed >> 62, packed & _OFFSET_MASK
+        starts[row], ends[row], fids[row], last_end[fid] = last_end[fid], end, fid, end
+    del entries
+    for row in range(num_rows):
+        if starts[row] >= 0:
+            yield fids[row], starts[row], ends[row]
+
+
+def records_in_input_order(folder: Path):
+    """Every committed record (results and errors) in input-row order, read by offset, streaming."""
+    if not (folder / JOURNAL).is_file():
+        raise InputFileError(f"{folder}: no {JOURNAL} (is this a job output folder?)")
+    files = [open(folder / name, "rb") if (folder / name).is_file() else None for name in FILES]
+    try:
+        for fid, start, end in _row_spans(folder):
+            files[fid].seek(start)
+            for line in files[fid].read(end - start).splitlines():
+                if line.strip():
+                    yield orjson.loads(line)
+    finally:
+        for f in files:
+            if f:
+                f.close()
+
+
+def _spool(records, path: Path) -> int:
+    num = 0
+    with open(path, "wb") as f:
+        for rec in records:
+            f.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
+            num += 1
+    if not num:
+        path.unlink()
+    return num
+
+
+def _split_spool(spool: Path, total: int, fractions: list[float], to: Path, parquet: bool) -> dict:
+    """The spooled records split contiguously, train first; the spool is removed."""
+    counts = {}
+    with open(spool, "rb") as f:
+        for name, size in zip(SPLIT_NAMES, _sizes(total, fractions)):
+            with open(to / f"{name}.jsonl", "wb") as out:
+                for _ in range(size):
+                    out.write(f.readline())
+            if parquet and size:
+                _jsonl_to_parquet(to / f"{name}.jsonl")
+            counts[name] = size
+    spool.unlink()
+    return counts
+
+
+def _sizes(total: int, fractions: list[float]) -> list[int]:
+    sizes = [round(frac * total) for frac in fractions[:-1]]
+    return [*sizes, total - sum(sizes)]
+
+
+def _jsonl_to_parquet(path: Path) -> None:
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    pq.write_table(pj.read_json(path), path.with_suffix(".parquet"))  # one split in Arrow memory
 
 
 def _write_splits(records: list, fractions: list[float], to: Path, parquet: bool) -> dict:
-    names = ["train", "valid", "test"][: len(fractions)]
+    names = SPLIT_NAMES[: len(fractions)]
     to.mkdir(parents=True, exist_ok=True)
     counts, start = {}, 0
     for i, (name, frac) in enumerate(zip(names, fractions)):
