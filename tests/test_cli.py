@@ -107,7 +107,7 @@ def test_job_level_errors(tmp_path, prompts_file):
     res = cli("run", prompts_file, "-o", tmp_path / "o", "--model", "no-such-model", "-q")
     assert res.exit_code == 1 and "unknown model" in res.output
     res = cli("run", prompts_file, "-o", tmp_path / "o2", *TINY, "--top-p", "0")
-    assert res.exit_code == 2 and "top_p" in res.output
+    assert res.exit_code == 2 and "--top-p must be" in res.output
 
 
 def test_validate(tmp_path):

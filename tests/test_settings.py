@@ -185,23 +185,23 @@ def test_run_job_does_not_freeze_the_collector_but_the_cli_does(two_rows, tmp_pa
 
 # ------------------------------------------------------------ import graph
 def _module_imports(path, name: str) -> set:
-    """mlxbatch modules imported at module level (not inside functions or TYPE_CHECKING)."""
-    out = set()
+    """mlxbatch modules `name` imports anywhere (lazy ones too: still a layering edge), except for type checking."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+    out = set()
+    for sub in ast.walk(tree):
+        if id(sub) in typing_only:
             continue
-        for sub in ast.walk(node):
-            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                break
-            if isinstance(sub, ast.ImportFrom) and sub.level:
-                base = package.rsplit(".", sub.level - 1)[0] if sub.level > 1 else package
-                target = f"{base}.{sub.module}" if sub.module else base
-                out |= {f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target for a in sub.names}
-            elif isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("mlxbatch"):
-                out.add(sub.module)
-            elif isinstance(sub, ast.Import):
-                out |= {a.name for a in sub.names if a.name.startswith("mlxbatch")}
+        if isinstance(sub, ast.ImportFrom) and sub.level:
+            base = package.rsplit(".", sub.level - 1)[0] if sub.level > 1 else package
+            target = f"{base}.{sub.module}" if sub.module else base
+            out |= {f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target for a in sub.names}
+        elif isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("mlxbatch"):
+            out.add(sub.module)
+        elif isinstance(sub, ast.Import):
+            out |= {a.name for a in sub.names if a.name.startswith("mlxbatch")}
     return out
 
 
