@@ -45,7 +45,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 models_app = typer.Typer(no_args_is_help=True, help="Cached models: list, pull, import, info.")
 app.add_typer(models_app, name="models")
 
-_MODEL_HELP = "smollm2-135m (default), random:<preset>, a .gguf file, a model folder or a Hugging Face repo id"
+_MODEL_HELP = "smollm2-135m (default), gemma3-270m, random:<preset>, a .gguf file, a model folder or a Hugging Face repo id"
 
 
 def _fail(err: MlxbatchError) -> None:
@@ -214,31 +214,62 @@ def models_list() -> None:
     typer.echo("random presets: " + ", ".join(f"random:{p}" for p in models.RANDOM_PRESETS))
 
 
+class _ConvertProgress:
+    """A rich progress bar for `models pull/import`, shown once conversion starts."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress("converting", BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=True,
+                            console=Console(stderr=True))
+        self.task = None
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("convert", total=total)
+        self.bar.update(self.task, completed=done)
+
+    def __exit__(self, *exc):
+        if self.task is not None:
+            self.bar.stop()
+
+
+_DTYPE_HELP = "storage for dequantized tensors: auto|bf16|fp16|fp32|q4|q8 (auto: per backend)"
+
+
 @models_app.command("pull")
-def models_pull(name: str = typer.Argument(..., help="a built-in name or a Hugging Face repo id")) -> None:
+def models_pull(name: str = typer.Argument(..., help="a built-in name (smollm2-135m, gemma3-270m) or a Hugging Face repo id"),
+                dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP)) -> None:
     """Download (and convert) a model into the cache."""
     from . import models
 
     try:
-        typer.echo(models.local_path(name))
+        with _ConvertProgress() as progress:
+            typer.echo(models.local_path(name, dtype=dtype, progress=progress))
     except MlxbatchError as err:
         _fail(err)
 
 
 @models_app.command("import")
-def models_import(file: Path = typer.Argument(..., help="a llama.cpp .gguf file")) -> None:
+def models_import(file: Path = typer.Argument(..., help="a llama.cpp .gguf file"),
+                  dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP)) -> None:
     """Convert a GGUF file into the cache (once; later runs reuse it)."""
     from . import models
 
     try:
-        typer.echo(models.import_gguf(file))
+        with _ConvertProgress() as progress:
+            typer.echo(models.import_gguf(file, dtype=dtype, progress=progress))
     except MlxbatchError as err:
         _fail(err)
 
 
 @models_app.command("info")
-def models_info(name: str = typer.Argument(...)) -> None:
-    """Where a model lives, its size, architecture and quantization."""
+def models_info(name: str = typer.Argument(...), dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP)) -> None:
+    """Where a model lives, its size, architecture, quantization; for GGUF imports the
+    tensor types found and how each was converted."""
     from . import models
 
     try:
@@ -249,7 +280,7 @@ def models_info(name: str = typer.Argument(...)) -> None:
             for k, v in models.RANDOM_PRESETS[preset].items():
                 typer.echo(f"{k}: {v}")
             return
-        for k, v in models.describe(models.local_path(name)).items():
+        for k, v in models.describe(models.local_path(name, dtype=dtype)).items():
             typer.echo(f"{k}: {v}")
     except MlxbatchError as err:
         _fail(err)

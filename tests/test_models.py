@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from mlxbatch import gguf, models
+from mlxbatch import gguf, gguf_arch, models
 from mlxbatch.cli import app
 from mlxbatch.errors import ModelError
 
@@ -114,8 +114,8 @@ def test_models_cli_list_and_info():
 
 
 def _to_gguf_name(name: str) -> str:
-    inverse = {v: k for k, v in gguf._LAYER_NAMES.items()}
-    top = {v: k for k, v in gguf._TOP_NAMES.items()}
+    inverse = {v: k for k, v in gguf_arch.ARCHITECTURES["llama"].layer_names.items()}
+    top = {v: k for k, v in gguf_arch.TOP_NAMES.items()}
     base, _, suffix = name.rpartition(".")
     if base.startswith("model.layers."):
         _, _, layer, rest = base.split(".", 3)
@@ -123,7 +123,7 @@ def _to_gguf_name(name: str) -> str:
     return f"{top[base]}.{suffix}"
 
 
-def _permute(x, n_head):  # llama.cpp's Q/K row order (the inverse of gguf._unpermute)
+def _permute(x, n_head):  # llama.cpp's Q/K row order (the inverse of gguf_arch.unpermute)
     rows = x.shape[0]
     return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
