@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from .checkpoint import _OFFSET_MASK, FILES, JOURNAL, _journal_entries, read_bytes
+from .checkpoint import RESULTS, RESULTS_FILE, committed_lines, create_temp, io_error, publish
 from .errors import InputFileError, UsageError
 
 SHAPES = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
@@ -27,13 +28,11 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 def _records(folder: Path):
-    path = folder / "results.jsonl"
-    if not path.exists():
-        raise InputFileError(f"{folder}: no results.jsonl (is this a job output folder?)")
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield orjson.loads(line)
+    """Committed records only: a running (or killed) job's uncommitted tail is never read."""
+    if not (folder / RESULTS_FILE).exists():
+        raise InputFileError(f"{folder}: no {RESULTS_FILE} (is this a job output folder?)")
+    for line in committed_lines(folder, RESULTS):
+        yield orjson.loads(line)
 
 
 def _parse_split(split: str) -> list[float]:
@@ -169,18 +168,39 @@ def _jsonl_to_parquet(path: Path) -> None:
 
 
 def _write_splits(records: list, fractions: list[float], to: Path, parquet: bool) -> dict:
+    """Every split goes to a temporary first; renamed into place only once all are written (no torn file)."""
     names = SPLIT_NAMES[: len(fractions)]
     to.mkdir(parents=True, exist_ok=True)
-    counts, start = {}, 0
-    for i, (name, frac) in enumerate(zip(names, fractions)):
-        end = len(records) if i == len(names) - 1 else start + round(frac * len(records))
-        part = records[start:end]
-        start = end
-        (to / f"{name}.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in part))
-        if parquet and part:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(part), to / f"{name}.parquet")
-        counts[name] = len(part)
+    counts, start, ready = {}, 0, []
+    try:
+        for i, (name, frac) in enumerate(zip(names, fractions)):
+            end = len(records) if i == len(names) - 1 else start + round(frac * len(records))
+            part = records[start:end]
+            start = end
+            _write_temp(ready, to / f"{name}.jsonl", lambda f, p=part: f.write(
+                b"".join(orjson.dumps(r) + b"\n" for r in p)))
+            if parquet and part:
+                _write_temp(ready, to / f"{name}.parquet", lambda f, p=part: _parquet(p, f))
+            counts[name] = len(part)
+        for tmp, dest, handle in ready:
+            publish(tmp, dest, handle)
+    except OSError as exc:
+        raise io_error(f"writing {to}", exc) from exc
+    finally:
+        for tmp, _, handle in ready:
+            handle.close()
+            tmp.unlink(missing_ok=True)
     return counts
+
+
+def _write_temp(ready: list, dest: Path, fill) -> None:
+    tmp, handle = create_temp(dest)
+    ready.append((tmp, dest, handle))  # listed first, so a failing `fill` still has its temporary removed
+    fill(handle)
+
+
+def _parquet(part: list, handle) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(part), handle)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
+from .deadline import TimeLimitExceeded, time_limit
 from .errors import RowError
 from .job import ROW_KEYS, RULES, JobSpec, logprobs_setting
 from .types import Item, Row, SamplingParams
 
 OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+MAX_TEMPLATE_SECONDS = 5.0  # per row; a real template renders in well under a millisecond
 
 
 def raw_id(row: Row, id_field: str):
@@ -133,7 +136,11 @@ class Renderer:
         if not self._is_templated(item):
             return item.prompt
         try:
-            return self.tokenizer.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
+            with time_limit(MAX_TEMPLATE_SECONDS):  # a template can loop for ever: a row error, not a hang
+                return self.tokenizer.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
+        except TimeLimitExceeded:
+            return RowError("template_timeout", f"line {item.line}: the chat template took over "
+                            f"{MAX_TEMPLATE_SECONDS:g} s to render this row")
         except Exception as exc:  # template errors (e.g. raise_exception in Jinja)
             return RowError("template_error", f"line {item.line}: the chat template rejected this row ({exc})")
 

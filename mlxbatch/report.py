@@ -11,9 +11,10 @@ from pathlib import Path
 import orjson
 
 from . import source
-from .checkpoint import MANIFEST, journal_rows, read_state
+from .checkpoint import MANIFEST, journal_rows, lock_holder, read_manifest, read_state
 from .errors import InputFileError, RowError
 from .job import JobSpec
+from .ids import IdSet, written_id
 from .render import Renderer, raw_id
 from .stats import fmt_duration
 
@@ -21,8 +22,9 @@ from .stats import fmt_duration
 def job_status(folder: Path) -> str:
     if not (folder / MANIFEST).exists():
         raise InputFileError(f"{folder}: not an mlxbatch output folder (no {MANIFEST})")
-    manifest = orjson.loads((folder / MANIFEST).read_bytes())
-    state = read_state(folder)
+    manifest = read_manifest(folder)
+    state = read_state(folder)  # {} when damaged: counters unknown, rows still come from the journal
+    holder = lock_holder(folder)
     done = journal_rows(folder)  # the journal is the truth; the state file may lag
     total = state.get("rows_total", "?")
     complete = state.get("complete", False) and done == total
@@ -38,7 +40,9 @@ def job_status(folder: Path) -> str:
         f"{state.get('generated_tokens', 0) / secs if secs else 0:,.1f} gen tok/s overall",
         f"status:    {'complete' if complete else 'incomplete'}",
     ]
-    if not complete:
+    if holder:
+        lines.append(f"running:   pid {holder} holds this folder (a run is writing to it)")
+    elif not complete:
         lines.append(f"resume:    mlxbatch run {manifest['input']['path']} --output {folder} "
                      "(with the same options as the first run)")
     return "\n".join(lines)
@@ -48,17 +52,16 @@ def validate_input(spec: JobSpec, *, max_problems: int) -> tuple[str, int]:
     """Every row of `spec.input` through the same rules a run applies, except token counts."""
     path, id_field = spec.input, spec.id_field
     renderer = Renderer(spec, None, context_length=1 << 62)
-    problems, shown, rows, seen = 0, [], 0, set()
+    problems, shown, rows, seen = 0, [], 0, IdSet()
     for row in source.read_rows(path):
         rows += 1
         try:
+            rid = written_id(row, id_field)  # as `run` does: ids compared as written, before other checks
+            if rid is not None and not seen.add(rid):
+                raise RowError("duplicate_id", f"line {row.line}: id {raw_id(row, id_field)!r} appeared earlier "
+                               "in the input (ids are compared as written: 77 and \"77\" are one id)")
             if isinstance(err := renderer.render_many([row])[0], RowError):
                 raise err
-            rid = raw_id(row, id_field)
-            if row.data and (id_field in row.data or "custom_id" in row.data):
-                if repr(rid) in seen:
-                    raise RowError("duplicate_id", f"line {row.line}: id {rid!r} appeared earlier in the input")
-                seen.add(repr(rid))
         except RowError as err:
             problems += 1
             if len(shown) < max_problems:
