@@ -97,7 +97,8 @@ def _run_mlxbatch(lm, messages, max_tokens: int, batch: int) -> dict:
         secs = time.perf_counter() - t
     e = stats.engine
     return {"tokens": e.generated_tokens, "seconds": secs, "prompt_computed": e.prompt_computed,
-            "prompt_total": e.prompt_tokens}
+            "prompt_total": e.prompt_tokens, "kv_peak_gb": round(e.kv_peak_bytes / 1e9, 3),
+            "decode_steps": e.steps}
 
 
 def _run_mlx_lm(lm, prompts, max_tokens: int, batch: int) -> dict:
@@ -160,6 +161,16 @@ def _hf_generate(hf, prompts, max_tokens: int, device: str, *, eos, batch: int |
     return tokens
 
 
+def _peak(run, *args) -> dict:
+    """A system's result with its peak MLX memory (weights included), reset before it runs."""
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    result = run(*args)
+    result["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 3)
+    return result
+
+
 def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts: int | None,
               batch_size: int | None, dtype: str, peers: list[str], as_json: bool) -> str:
     if workload not in WORKLOADS:
@@ -174,10 +185,10 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
     # kernels and attention plans per shape on first use, and whoever ran first would
     # pay for both (they share the process-wide caches).
     _run_mlxbatch(lm, messages, max_tokens, batch)
-    results = {"mlxbatch": _run_mlxbatch(lm, messages, max_tokens, batch)}
+    results = {"mlxbatch": _peak(_run_mlxbatch, lm, messages, max_tokens, batch)}
     if "mlx-lm" in peers:
         _run_mlx_lm(lm, prompts, max_tokens, batch)
-        results["mlx-lm batch_generate"] = _run_mlx_lm(lm, prompts, max_tokens, batch)
+        results["mlx-lm batch_generate"] = _peak(_run_mlx_lm, lm, prompts, max_tokens, batch)
     if "hf" in peers:
         try:
             hf = _run_hf(lm, prompts, max_tokens, batch)
@@ -210,8 +221,9 @@ def _report(workload, lm, prompts, max_tokens, batch, results, as_json) -> str:
              f"model {lm.name} ({lm.dtype}) on {summary['device']}",
              f"prompt tokens: {ours['prompt_total']:,} total, {summary['prompt_tokens_unique']:,} unique, "
              f"{ours['prompt_computed']:,} computed by mlxbatch",
-             f"{'engine':28s} {'tokens':>9s} {'seconds':>9s} {'tok/s':>10s} {'mlxbatch is':>12s}"]
+             f"{'engine':28s} {'tokens':>9s} {'seconds':>9s} {'tok/s':>10s} {'peak GB':>8s} {'mlxbatch is':>12s}"]
     for name, r in results.items():
         ratio = "" if name == "mlxbatch" else f"{ours['tok_s'] / r['tok_s']:.2f}x"
-        lines.append(f"{name:28s} {r['tokens']:>9,} {r['seconds']:>9.2f} {r['tok_s']:>10,.1f} {ratio:>12s}")
+        peak = f"{r['peak_memory_gb']:.2f}" if "peak_memory_gb" in r else "-"
+        lines.append(f"{name:28s} {r['tokens']:>9,} {r['seconds']:>9.2f} {r['tok_s']:>10,.1f} {peak:>8s} {ratio:>12s}")
     return "\n".join(lines)

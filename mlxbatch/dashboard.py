@@ -35,14 +35,17 @@ def _table(s: JobStats) -> Table:
     t.add_row("prefix cache", f"{100 * s.prefix_hit_rate:.0f}% of prompt tokens reused ({e.prefix_hits} cache hits)")
     mem = s.memory()
     t.add_row("memory", f"MLX {mem['mlx_active_mb']:,.0f} MB (peak {mem['mlx_peak_mb']:,.0f}), RSS peak {mem['rss_peak_mb']:,.0f} MB")
+    t.add_row("KV cache", f"{e.kv_bytes / 1e6:,.0f} MB held ({e.kv_shared_bytes / 1e6:,.0f} MB shared prefixes, "
+              f"stored once), peak {e.kv_peak_bytes / 1e6:,.0f} MB; prefix LRU {e.prefix_cache_bytes / 1e6:,.0f} MB")
     t.add_row("model", f"{s.model} on {s.device}  ->  {s.output}")
+    t.add_row("", e.forward)
     return t
 
 
 def _plain_line(s: JobStats) -> str:
     return (f"[mlxbatch] {s.done}/{s.total_rows} rows, {s.errors} errors, {s.gen_tps_now:.0f} gen tok/s "
             f"({s.gen_tps_avg:.0f} avg), {s.prompt_tps_now:.0f} prompt tok/s, {s.engine.active} in flight, "
-            f"prefix reuse {100 * s.prefix_hit_rate:.0f}%, ETA {fmt_duration(s.eta_seconds)}")
+            f"prefix reuse {100 * s.prefix_hit_rate:.0f}%, KV {s.engine.kv_bytes / 1e6:.0f} MB, ETA {fmt_duration(s.eta_seconds)}")
 
 
 class Dashboard:
@@ -79,6 +82,7 @@ class Dashboard:
         elif force or now - self._last >= _PLAIN_SECONDS:
             if not self._last:  # the first line says what runs where (dtype chosen by --dtype auto)
                 print(f"[mlxbatch] model {s.model} on {s.device} -> {s.output}", file=sys.stderr, flush=True)
+                print(f"[mlxbatch] {s.engine.forward}", file=sys.stderr, flush=True)
             print(_plain_line(s), file=sys.stderr, flush=True)
             self._last = now
 

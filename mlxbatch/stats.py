@@ -110,7 +110,8 @@ class JobStats:
             "gen_tok_s_avg": round(self.gen_tps_avg, 1), "active": e.active, "waiting": e.waiting,
             "prompt_tokens": e.prompt_tokens, "prompt_computed": e.prompt_computed,
             "prompt_padding": e.prompt_padding, "prefix_hit_tokens": e.prefix_hit_tokens,
-            "generated_tokens": e.generated_tokens, **self.memory(),
+            "generated_tokens": e.generated_tokens, "kv_mb": round(e.kv_bytes / 1e6, 1),
+            "kv_shared_mb": round(e.kv_shared_bytes / 1e6, 1), **self.memory(),
         }
 
 

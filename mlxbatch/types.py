@@ -96,3 +96,8 @@ class EngineStats:
     active: int = 0
     capacity: int = 0
     waiting: int = 0
+    kv_bytes: int = 0  # KV held by the running batch: rows' own columns plus shared prefixes once
+    kv_shared_bytes: int = 0  # of which shared prefixes
+    kv_peak_bytes: int = 0
+    prefix_cache_bytes: int = 0  # computed prefixes kept for later units (may overlap kv_shared_bytes)
+    forward: str = ""  # the model runner's backend choices, for the log

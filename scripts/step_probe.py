@@ -1,10 +1,10 @@
 """Where a decode step's time goes on this device, and which forward variant is fastest.
 
-usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--phases] [--kernels]
-Runs the parallm-325 prompts (pre-tokenized) through the Engine under each
-variant of mlxbatch.fused (--variants=a,b: one-query attention as sdpa or two
-matmuls, layers built in Python or compiled, residuals added apart or by the
-matmuls), printing ms per step; --phases splits it into host graph building,
+usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--workload=W] [--phases] [--kernels]
+Runs a bench workload's prompts (pre-tokenized; default parallm-325) through the
+Engine under each variant of the model runner's ForwardOptions (one-query
+attention as sdpa or matmuls, mlx-lm's layers or the fused/compiled ones,
+shared prefixes stored once or copied), printing ms per step; --phases splits it into host graph building,
 waiting for the device, the Python bookkeeping, and admission. With --kernels (needs torch), lists the CUDA
 kernels of a few steady-state decode steps (CUPTI sees MLX's kernels too).
 """
@@ -16,22 +16,26 @@ import mlxbatch  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
 from mlxbatch import bench, models
-from mlxbatch.engine import fused
 from mlxbatch.engine import Engine, Request, SamplingParams
+from mlxbatch.engine.model_runner import ForwardOptions, device_backend
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 model = args[0] if args else "smollm2-135m"
-lm = models.load(model)
-msgs, max_tokens = bench._parallm(None)
-prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in msgs]
-VARIANTS = {  # (fused.DECODE_MATMUL, fused.COMPILED_DECODE, fused.RESIDUAL_ADDMM)
-    "sdpa": (False, False, False),
-    "matmul": (True, False, False),
-    "matmul+compiled": (True, True, False),
-    "matmul+compiled+addmm": (True, True, True),  # what runs on CUDA by default
-}
 opt = {a.split("=")[0]: a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--") and "=" in a}
+lm = models.load(model)
+msgs, max_tokens = bench.WORKLOADS[opt.get("--workload", "parallm-325")](None)
+prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in msgs]
+_B = device_backend()
+VARIANTS = {
+    "default": ForwardOptions.for_backend(_B),
+    "copied-prefix": ForwardOptions.for_backend(_B, shared_prefix=False),
+    "uncompiled": ForwardOptions.for_backend(_B, compiled_decode=False),
+    "sdpa": ForwardOptions.for_backend(_B, one_query_matmul=False),
+    "no-addmm": ForwardOptions.for_backend(_B, use_addmm=False),
+    "mlx-lm-layers": ForwardOptions.for_backend(_B, fused=False),  # the forward 1B/8B ran before
+}
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
+MIN_SHARED = int(opt.get("--min-shared", "32"))
 
 
 def timed(eng: Engine, name: str, acc: dict) -> None:
@@ -47,8 +51,8 @@ def timed(eng: Engine, name: str, acc: dict) -> None:
     setattr(eng, name, wrapper)
 
 
-def engine_run(phases: bool = False):
-    eng = Engine(lm, max_batch=len(prompts))
+def engine_run(label: str, phases: bool = False):
+    eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label], min_shared_tokens=MIN_SHARED)
     acc: dict = {}
     if phases:
         for name in ("_decode", "_admit", "_compact", "_absorb"):
@@ -69,6 +73,7 @@ def engine_run(phases: bool = False):
         eng.step()
         steps += 1
     secs = time.perf_counter() - t
+    acc["kv_peak_mb"] = eng.stats.kv_peak_bytes / 1e6 * steps / 1e3  # printed per step below, so pre-scaled
     return secs, steps, eng.stats.generated_tokens, acc
 
 
@@ -83,20 +88,18 @@ def report(label: str, secs: float, steps: int, tokens: int, acc: dict) -> None:
 print(f"{model} {lm.dtype} {mx.default_device()} {mx.device_info().get('device_name', '')} prompts={len(prompts)}")
 env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MLX_"))
 for label in chosen:
-    fused.DECODE_MATMUL, fused.COMPILED_DECODE, fused.RESIDUAL_ADDMM = VARIANTS[label]
-    engine_run()  # warm-up: kernels and plans per shape
-    report(f"{label} {env}", *engine_run())
-    report(f"{label} {env}", *engine_run())
+    engine_run(label)  # warm-up: kernels and plans per shape
+    report(f"{label} {env}", *engine_run(label))
+    report(f"{label} {env}", *engine_run(label))
     if "--phases" in sys.argv:
-        report(label + " (phases)", *engine_run(phases=True))
+        report(label + " (phases)", *engine_run(label, phases=True))
 
 if "--kernels" in sys.argv:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     for label in chosen:
-        fused.DECODE_MATMUL, fused.COMPILED_DECODE, fused.RESIDUAL_ADDMM = VARIANTS[label]
-        eng = Engine(lm, max_batch=len(prompts))
+        eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label], min_shared_tokens=MIN_SHARED)
         for i, p in enumerate(prompts):
             eng.add(Request(i, p, SamplingParams(max_tokens=max_tokens)))
         for _ in range(20):

@@ -4,6 +4,7 @@ import pytest
 from mlx_lm import stream_generate
 
 from mlxbatch.engine import Engine, Request, SamplingParams
+from mlxbatch.engine.model_runner import ForwardOptions
 
 
 def single_stream(lm, tokens, max_tokens):
@@ -40,19 +41,22 @@ def varied_prompts(lm, n):
     return out
 
 
-@pytest.mark.parametrize("layout", ["cpu", "cpu-uncompiled", "gpu", "cuda"])
-def test_batched_greedy_equals_single_stream_tiny(tiny, monkeypatch, layout):
-    # gpu: attention over the whole bucketed buffer, masked; cuda: also one-query attention
-    # as two matmuls and residuals added by the matmuls (what runs on MLX's CUDA backend);
-    # uncompiled: the general decode path.
-    monkeypatch.setattr("mlxbatch.engine.kvcache.ATTEND_FULL_BUFFER", layout in ("gpu", "cuda"))
-    monkeypatch.setattr("mlxbatch.engine.fused.DECODE_MATMUL", layout == "cuda")
-    monkeypatch.setattr("mlxbatch.engine.fused.RESIDUAL_ADDMM", layout == "cuda")
-    monkeypatch.setattr("mlxbatch.engine.fused.COMPILED_DECODE", layout != "cpu-uncompiled")
+LAYOUTS = {  # what each backend runs, all checked on the CPU
+    "cpu": ForwardOptions.for_backend("cpu"),
+    "cpu-uncompiled": ForwardOptions.for_backend("cpu", compiled_decode=False),
+    "metal": ForwardOptions.for_backend("metal"),  # attention over the whole bucketed buffer, masked
+    "cuda": ForwardOptions.for_backend("cuda"),  # also one query as matmuls, residuals added by matmuls
+    "cpu-copied-prefix": ForwardOptions.for_backend("cpu", shared_prefix=False),
+    "mlx-lm-layers": ForwardOptions.for_backend("cpu", fused=False),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_batched_greedy_equals_single_stream_tiny(tiny, layout):
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
     # A small batch makes rows join mid-run as others finish (continuous batching).
-    done, eng = run_engine(tiny, reqs, max_batch=5, prefill_chunk=16)
+    done, eng = run_engine(tiny, reqs, max_batch=5, prefill_chunk=16, options=LAYOUTS[layout], min_shared_tokens=8)
     assert eng.stats.prefix_hit_tokens > 0, "the shared document should be reused"
     for r in reqs:
         assert done[r.key].tokens == single_stream(tiny, r.tokens, r.params.max_tokens), r.key
@@ -122,7 +126,8 @@ def test_fused_forward_matches_mlx_lm_layers(quantize):
     import mlx.nn as nn
 
     from mlxbatch import models
-    from mlxbatch.engine.fused import fused_layers, hidden_states
+    from mlxbatch.engine.attention import AttendOptions
+    from mlxbatch.engine.fused import fuse, hidden_states
     from mlxbatch.engine.kvcache import BatchCache
 
     lm = models.load("random:tiny", dtype="fp32")
@@ -136,21 +141,83 @@ def test_fused_forward_matches_mlx_lm_layers(quantize):
         return fn(cache)
 
     ref = run(lambda c: lm.model.model(tokens, cache=c.layers))
-    fused = fused_layers(lm.model)
+    fused = fuse(lm.model)
     assert fused is not None and fused[0][0].is_quantized == quantize
-    ours = run(lambda c: hidden_states(lm.model, tokens, c.layers, fused))
+    ours = run(lambda c: hidden_states(lm.model, tokens, c.layers, fused, opts=AttendOptions()))
     assert mx.allclose(ref, ours, atol=1e-4, rtol=1e-4).item()
+    again = run(lambda c: lm.model.model(tokens, cache=c.layers))  # mlx-lm's layers now read slices of the fused arrays
+    assert mx.allclose(ref, again, atol=1e-6).item()
 
 
 def test_compiled_decode_plan_covers_plain_llama_weights():
     import mlx.nn as nn
 
     from mlxbatch import models
-    from mlxbatch.engine.fused import decode_plan, fused_layers
+    from mlxbatch.engine.model_runner import ModelRunner
 
-    plain = models.load("random:tiny", dtype="fp32").model
-    assert decode_plan(plain, fused_layers(plain)) is not None
+    assert ModelRunner(models.load("random:tiny", dtype="fp32").model).plan is not None
     quantized = models.load("random:tiny", dtype="fp32").model
     nn.quantize(quantized, group_size=64, bits=4)  # quantized weights keep the general path
-    assert decode_plan(quantized, fused_layers(quantized)) is None
+    runner = ModelRunner(quantized)
+    assert runner.fused is not None and runner.plan is None
+
+
+def cascade_prompts(lm):
+    """Three groups with different shared-prefix lengths, nested (a system header, then a
+    document), plus n=4 samples of one prompt and loners: 28 requests."""
+    enc = lm.tokenizer.encode
+    header = enc("System: you answer questions about the documents below, briefly and exactly. " * 2)
+    doc_a = enc(" Document A tells of a lighthouse keeper who counted ships every night." * 3)
+    doc_b = enc(" Document B is a recipe for bread with flour, water, salt and patience." * 5)
+    prompts = []
+    for i in range(8):
+        prompts.append(header + doc_a + enc(f" Question {i}: what did the keeper count?"))
+        prompts.append(header + doc_b + enc(f" Question {i}: how much salt?" + " Explain." * (i % 3)))
+        prompts.append(header + enc(f" Question {i} without a document, number {i * 7}."))
+    return prompts, enc("Write one sentence about the sea and the sky.")
+
+
+@pytest.mark.parametrize("layout", ["cpu", "metal", "cuda"])
+def test_shared_prefixes_equal_single_stream(tiny, layout):
+    prompts, sampled = cascade_prompts(tiny)
+    reqs = [Request(i, p, SamplingParams(max_tokens=6 + i % 7)) for i, p in enumerate(prompts)]
+    reqs += [Request(("n", s), sampled, SamplingParams(max_tokens=8)) for s in range(4)]
+    # A prefix cache that holds about one prefix: later units evict and recompute.
+    eng = Engine(tiny, max_batch=12, prefill_chunk=32, options=LAYOUTS[layout], min_shared_tokens=8,
+                 prefix_cache_gb=300e3 / 1e9)
+    for r in reqs:
+        eng.add(r)
+    done, most_groups = {}, 0
+    while eng.has_work:
+        for c in eng.step():
+            done[c.key] = c
+        if eng._cache is not None:
+            most_groups = max(most_groups, len(eng._cache.layout.groups))
+    assert most_groups >= 2, "rows of different groups should decode in one batch"
+    assert eng.stats.prefix_lookups > len(eng.prefix_cache) + 1  # some prefixes were evicted and recomputed
+    for r in reqs:
+        assert done[r.key].tokens == single_stream(tiny, r.tokens, r.params.max_tokens), r.key
+
+
+def test_shared_prefix_is_stored_once(tiny):
+    prefix = (tiny.tokenizer.encode("A long shared document about harbours and ships. " * 200))[:1000]
+    reqs = [Request(i, prefix + tiny.tokenizer.encode(f" Question {i}?"), SamplingParams(max_tokens=8))
+            for i in range(64)]
+    eng = Engine(tiny, max_batch=64, options=ForwardOptions.for_backend("cpu"))
+    for r in reqs:
+        eng.add(r)
+    peak = 0
+    while eng.has_work:
+        eng.step()
+        peak = max(peak, eng.stats.kv_bytes)
+    per_token = eng.runner.kv_bytes_per_token()
+    own = sum(len(r.tokens) - 1000 + 8 for r in reqs)  # each row's suffix and its generated tokens
+    assert eng.stats.kv_peak_bytes == peak
+    assert peak <= 1.5 * per_token * (1000 + own), (peak, per_token * (1000 + own))
+    copied = Engine(tiny, max_batch=64, options=ForwardOptions.for_backend("cpu", shared_prefix=False))
+    for r in reqs:
+        copied.add(r)
+    while copied.has_work:
+        copied.step()
+    assert copied.stats.kv_peak_bytes > 20 * peak  # what copying the prefix into every row costs
 

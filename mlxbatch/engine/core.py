@@ -11,23 +11,26 @@ results (runner.py), grouping (scheduler.py), sampling maths (sampling.py).
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
-from .kvcache import BatchCache, forward_hidden, forward_last
-from ..models import LoadedModel, backend
+from ..models import LoadedModel
+from ..types import Completion, EngineStats, Request
+from .kvcache import BatchCache, SharedPrefix
+from .model_runner import ForwardOptions, ModelRunner
+from .prefix_cache import PrefixCache
 from .sampling import RowParams, sample
 from .scheduler import Scheduler, Unit, token_key
-from ..types import Completion, EngineStats, Request, SamplingParams
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_PREFIX_CACHE_GB = 1.0
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+# A unit's common prefix is stored once (not copied into each row) from this many tokens:
+# below it the cascade's extra operations cost more than the copies they save.
+DEFAULT_MIN_SHARED_TOKENS = 32
 
 
 @dataclass
@@ -35,6 +38,7 @@ class _Row:
     request: Request
     prompt_len: int
     limit: int  # tokens it may generate: max_tokens, capped by the context
+    shared_len: int = 0  # leading prompt tokens read from a shared prefix, not held by the row
     generated: list = field(default_factory=list)
     logprobs: list | None = None
     is_alive: bool = True
@@ -50,50 +54,25 @@ def _default_kv_bytes() -> int:
     return int(total * 0.4)
 
 
-class PrefixCache:
-    """Byte-capped LRU of prompt-prefix KV (batch 1), keyed by token bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[bytes, tuple[list, int]] = OrderedDict()
-        self._bytes = 0
-
-    def longest(self, key: bytes) -> tuple[bytes, list] | None:
-        best = None
-        for k, (kv, _) in self._items.items():
-            if len(k) <= len(key) and key.startswith(k) and (best is None or len(k) > len(best[0])):
-                best = (k, kv)
-        if best:
-            self._items.move_to_end(best[0])
-        return best
-
-    def put(self, key: bytes, kv: list) -> None:
-        size = sum(k.nbytes + v.nbytes for k, v in kv)
-        if size > self.max_bytes or key in self._items:
-            return
-        self._items[key] = (kv, size)
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, (_, freed) = self._items.popitem(last=False)
-            self._bytes -= freed
-
-
 class Engine:
     """Add requests, call `step()` until `has_work` is false; each step returns completions."""
 
     def __init__(self, lm: LoadedModel, *, max_batch: int | None = None, max_kv_gb: float | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
-                 max_prefill_tokens: int | None = None):
+                 max_prefill_tokens: int | None = None, options: ForwardOptions | None = None,
+                 min_shared_tokens: int = DEFAULT_MIN_SHARED_TOKENS):
         self.lm = lm
-        self.model = lm.model
-        self.max_batch = max_batch or (64 if backend() == "cpu" else 512)
+        self.runner = ModelRunner(lm.model, options)
+        is_cpu = not self.runner.options.full_buffer
+        self.max_batch = max_batch or (64 if is_cpu else 512)
         self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()
         self.prefill_chunk = prefill_chunk
-        self.max_prefill_tokens = max_prefill_tokens or (4096 if backend() == "cpu" else 32768)
+        self.max_prefill_tokens = max_prefill_tokens or (4096 if is_cpu else 32768)
+        self.min_shared_tokens = min_shared_tokens
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
         self.scheduler = Scheduler()
-        self.stats = EngineStats(capacity=self.max_batch)
-        self._bytes_per_token = self._kv_bytes_per_token()
+        self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe())
+        self._bytes_per_token = self.runner.kv_bytes_per_token()
         self._eos = frozenset(lm.eos_token_ids)
         self._cache: BatchCache | None = None
         self._rows: list[_Row] = []
@@ -130,15 +109,25 @@ class Engine:
         current = self._next
         self._next = self._decode(current[0]) if self.num_active else None
         done = self._absorb(current)
-        self.stats.steps += 1
-        self.stats.active = self.num_active
-        self.stats.waiting = len(self.scheduler)
+        self._count()
         return done
+
+    def _count(self) -> None:
+        st = self.stats
+        st.steps += 1
+        st.active = self.num_active
+        st.waiting = len(self.scheduler)
+        caches = [c for c in (self._cache, self._filling and self._filling[1]) if c is not None]
+        shared = {id(p): p.nbytes for c in caches for p in c.layout.groups}
+        st.kv_shared_bytes = sum(shared.values())
+        st.kv_bytes = sum(c.nbytes for c in caches) + st.kv_shared_bytes
+        st.kv_peak_bytes = max(st.kv_peak_bytes, st.kv_bytes)
+        st.prefix_cache_bytes = self.prefix_cache.nbytes
 
     # ------------------------------------------------------------ decode
     def _decode(self, tokens: mx.array):
         self._cache.layout.begin(mx.ones((len(self._rows), 1), dtype=mx.bool_))
-        logits = forward_last(self.model, tokens[:, None], self._cache)
+        logits = self.runner.forward_last(tokens[:, None], self._cache)
         sampled, logprobs = sample(logits, self._params, with_logprobs=self._wants_logprobs)
         self._params.counter = self._params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
@@ -234,31 +223,23 @@ class Engine:
         self._prefill_chunk()
 
     def _rows_within_budget(self, free: int) -> int:
-        """Rows that fit the KV budget, assuming each may reach its prompt + max_tokens."""
+        """Rows that fit the KV budget, assuming each may reach its own columns + max_tokens;
+        a shared prefix counts once (it is stored once)."""
         per_row = self._bytes_per_token * self._longest_row()
-        used = per_row * self.num_active
+        shared = self._cache.layout.shared_bytes if self._cache is not None else 0
+        used = per_row * self.num_active + shared
         fits = (self.max_kv_bytes - used) // max(per_row, 1)
         return max(1 if not self.num_active else 0, min(free, int(fits)))
 
     def _longest_row(self) -> int:
-        """Tokens the longest live row may reach (1,024 assumed for an empty batch)."""
-        longest = max((r.prompt_len + r.limit for r in self._rows if r.is_alive), default=1024)
-        return min(longest, self.lm.context_length)
-
-    def _kv_bytes_per_token(self) -> int:
-        args = self.model.args
-        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
-        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        # Keys/values take the activations' dtype: that of the model's floating parameters.
-        itemsize = next(v.dtype.size for _, v in tree_flatten(self.model.parameters())
-                        if mx.issubdtype(v.dtype, mx.floating))
-        return 2 * len(self.model.layers) * heads * head_dim * itemsize
+        """Columns the longest live row may reach in the batch (1,024 assumed for an empty one)."""
+        own = max((r.prompt_len - r.shared_len + r.limit for r in self._rows if r.is_alive), default=1024)
+        return min(own, self.lm.context_length)
 
     # ------------------------------------------------------------ prefill
     def _start_unit(self, unit: Unit):
         reqs, p = unit.requests, unit.prefix_len
-        cache = BatchCache.from_prefix(self._prefix_kv(reqs[0].tokens[:p]), len(reqs), p) if p else \
-            BatchCache(len(self.model.layers), len(reqs))
+        cache = self._unit_cache(reqs, p)
         suffixes = [r.tokens[p:] for r in reqs]
         width = max(len(s) for s in suffixes)
         pads = [width - len(s) for s in suffixes]
@@ -273,22 +254,35 @@ class Engine:
         st.prefix_hit_tokens += p * (len(reqs) - 1)
         return unit, cache, tokens, valid, 0
 
+    def _unit_cache(self, reqs: list, p: int) -> BatchCache:
+        """A unit's cache: its common prefix stored once for the group when that pays,
+        else copied into each row."""
+        if not p:
+            return self.runner.new_cache(len(reqs))
+        prefix = self._prefix(reqs[0].tokens[:p])
+        if self.runner.can_share_prefix and len(reqs) > 1 and p >= self.min_shared_tokens:
+            cache = self.runner.new_cache(len(reqs))
+            cache.layout.share(prefix)
+            return cache
+        return BatchCache.from_prefix(prefix.kv, len(reqs), p, full_buffer=self.runner.options.full_buffer)
+
     def _prefill_chunk(self) -> None:
         unit, cache, tokens, valid, start = self._filling
         stop = min(start + self.prefill_chunk, tokens.shape[1])
         cache.layout.begin(valid[:, start:stop])
         if stop < tokens.shape[1]:
-            forward_hidden(self.model, tokens[:, start:stop], cache)
+            self.runner.forward_hidden(tokens[:, start:stop], cache)
             self._filling = (unit, cache, tokens, valid, stop)
             return
-        logits = forward_last(self.model, tokens[:, start:stop], cache)
+        logits = self.runner.forward_last(tokens[:, start:stop], cache)
         self._filling = None
         self._join(unit, cache, logits)
 
     def _join(self, unit: Unit, cache: BatchCache, logits: mx.array) -> None:
         """Sample the unit's first tokens and merge it into the running batch."""
         ctx = self.lm.context_length
-        rows = [_Row(r, len(r.tokens), min(r.params.max_tokens, ctx - len(r.tokens)),
+        shared = unit.prefix_len if cache.layout.groups else 0
+        rows = [_Row(r, len(r.tokens), min(r.params.max_tokens, ctx - len(r.tokens)), shared,
                      logprobs=[] if r.params.logprobs is not None else None) for r in unit.requests]
         params = RowParams.build([r.params for r in unit.requests])
         sampled, logprobs = sample(logits, params, with_logprobs=self._wants_logprobs)
@@ -306,27 +300,29 @@ class Engine:
         self._rows = self._rows + rows
         self._num_alive += len(rows)
 
-    def _prefix_kv(self, prefix: list[int]) -> list:
-        """KV of a prompt prefix for batch 1, from the LRU or computed (and cached)."""
+    def _prefix(self, prefix: list[int]) -> SharedPrefix:
+        """A prompt prefix's KV (batch 1), from the LRU (the same object) or computed and cached;
+        a cached shorter prefix of it is extended rather than recomputed."""
         key = token_key(prefix)
         self.stats.prefix_lookups += 1
         found = self.prefix_cache.longest(key)
-        have = len(found[0]) // 4 if found else 0
+        have = found.length if found else 0
+        self.stats.prefix_hit_tokens += have
         if have == len(prefix):
             self.stats.prefix_hits += 1
-            self.stats.prefix_hit_tokens += have
-            return found[1]
-        cache = BatchCache.from_prefix(found[1], 1, have) if found else BatchCache(len(self.model.layers), 1)
-        self.stats.prefix_hit_tokens += have
+            return found
+        full = self.runner.options.full_buffer
+        cache = BatchCache.from_prefix(found.kv, 1, have, full_buffer=full) if found else self.runner.new_cache(1)
         rest = mx.array([prefix[have:]], dtype=mx.int32)
         for start in range(0, rest.shape[1], self.prefill_chunk):
             chunk = rest[:, start : start + self.prefill_chunk]
             cache.layout.begin(mx.ones(chunk.shape, dtype=mx.bool_))
-            forward_hidden(self.model, chunk, cache)
+            self.runner.forward_hidden(chunk, cache)
         self.stats.prompt_computed += rest.shape[1]
-        kv = cache.prefix_kv()
-        self.prefix_cache.put(key, kv)
-        return kv
+        stored = SharedPrefix(key, [tuple(mx.contiguous(x) for x in kv) for kv in cache.prefix_kv()], len(prefix))
+        mx.eval([x for kv in stored.kv for x in kv])
+        self.prefix_cache.put(stored)
+        return stored
 
 
 def _concat_extra(old, new, num_old: int):

@@ -1,30 +1,24 @@
-"""A lean forward pass for small llama-family models: fewer, larger kernels per layer.
+"""A lean forward pass for llama-family models: fewer, larger kernels per layer.
 
-Owns: q/k/v and gate/up projections fused into one matmul each (weights
-concatenated once per model), the layer loop using them, and a compiled
-one-token layer (DecodePlan). Why: a decode step of a small model is bound by
-per-operation host cost, not FLOPs (an H200 step of SmolLM2-135M at batch 325:
-~490 kernels, ~2.5 ms of GPU work, ~6 ms of host dispatch), so every operation
-per layer dropped is time saved on every step. Also picks, per backend, how one
-query attends (CUDA: two matmuls, see DECODE_MATMUL). Concatenation copies
-weights, so it is only done for models under `MAX_FUSED_BYTES`; others keep
-mlx-lm's own forward. Does not own: the cache (kvcache.py) or the vocabulary
-projection.
+Owns: q/k/v and gate/up projections fused into one matmul each, the layer loop
+using them, and a compiled one-token layer (DecodePlan). Why: a decode step of a
+small model is bound by per-operation host cost, not FLOPs (an H200 step of
+SmolLM2-135M at batch 325: ~490 kernels, ~2.5 ms of GPU work, ~6 ms of host
+dispatch), so every operation per layer dropped is time saved on every step.
+Fusing concatenates the weights once and then points the model's own layers at
+slices of the fused arrays, so no second copy is kept (mlx-lm's forward, used
+by the peers in `bench`, still works). Does not own: attention (attention.py),
+the cache (kvcache.py), the backend choices (model_runner.py).
 """
 
 from __future__ import annotations
 
-import weakref
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-from ..models import backend
-
-MAX_FUSED_BYTES = 2 * 1024**3
-_CACHE: dict[int, list | None] = {}  # id(model) -> per-layer fused projections (None: not eligible)
+from .attention import AttendOptions, additive, attend
 
 
 class FusedProjection:
@@ -72,44 +66,48 @@ def _out_dims(layer) -> int:
     return layer.scales.shape[0] if isinstance(layer, nn.QuantizedLinear) else layer.weight.shape[0]
 
 
-def _eligible(model: nn.Module) -> bool:
+def is_eligible(model: nn.Module) -> bool:
     if getattr(model, "model_type", None) != "llama" or not hasattr(model, "model"):
         return False
-    if any(getattr(layer, "use_sliding", False) for layer in model.model.layers):
-        return False
-    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return size <= MAX_FUSED_BYTES
+    return not any(getattr(layer, "use_sliding", False) for layer in model.model.layers)
 
 
-def fused_layers(model: nn.Module) -> list | None:
-    """Per layer (qkv, gate_up) projections, built on first use; None if not eligible."""
-    key = id(model)
-    if key not in _CACHE:
-        fused = None
-        if _eligible(model):
-            try:
-                fused = [(FusedProjection([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
-                          FusedProjection([l.mlp.gate_proj, l.mlp.up_proj])) for l in model.model.layers]
-                mx.eval([p.arrays() for pair in fused for p in pair])
-            except (ValueError, AttributeError):
-                fused = None
-        _CACHE[key] = fused
-        weakref.finalize(model, _CACHE.pop, key, None)  # ids are reused after a model is freed
-    return _CACHE[key]
+def _point_at_slices(layers: list, fused: FusedProjection) -> None:
+    """Each layer's arrays become views of the fused ones: same values, one copy in memory."""
+    bounds = [0, *fused.splits, fused.weight.shape[0]]
+    for layer, lo, hi in zip(layers, bounds, bounds[1:]):
+        layer.weight = fused.weight[lo:hi]
+        if fused.bias is not None:
+            layer.bias = fused.bias[lo:hi]
+        if fused.is_quantized:
+            layer.scales = fused.scales[lo:hi]
+            if fused.qbiases is not None:
+                layer.biases = fused.qbiases[lo:hi]
 
 
-_ON_CUDA = backend() == "cuda" and mx.default_device() == mx.gpu
-# MLX's CUDA attention has no single-query kernel that takes a mask: it falls back to a
-# batched gemv (~5 of a ~9 ms step at batch 325 on an H200), so there one query is two
-# matmuls. Metal's single-query kernel takes masks; the CPU has no fused kernel at all.
-DECODE_MATMUL = _ON_CUDA
-# Residual adds folded into the matmuls (C + A @ B, one kernel instead of two) where measured
-# faster; MLX's CPU addmm is ~15x slower than a BLAS matmul plus an add.
-RESIDUAL_ADDMM = _ON_CUDA
-COMPILED_DECODE = True  # tests switch it off to compare the two decode paths
+def fuse(model: nn.Module) -> list | None:
+    """Per layer (qkv, gate_up) projections; None if the model is not eligible."""
+    if not is_eligible(model):
+        return None
+    out = []
+    try:
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            pair = []
+            for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+                proj = FusedProjection(group)
+                mx.eval(proj.arrays())
+                _point_at_slices(group, proj)
+                pair.append(proj)
+            out.append(tuple(pair))
+    except (ValueError, AttributeError):
+        return None
+    mx.eval(model.parameters())
+    return out
 
 
-def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list) -> mx.array:
+def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list, *, opts: AttendOptions,
+                  plan: "DecodePlan | None" = None) -> mx.array:
     """Same result as mlx-lm's `model.model(tokens, cache=caches)` for llama, fewer operations."""
     from mlx_lm.models.activations import swiglu
 
@@ -117,54 +115,68 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list)
     h = inner.embed_tokens(tokens)
     B, L, _ = h.shape
     mask = caches[0].make_mask(L)
-    if L == 1 and DECODE_MATMUL:  # additive, converted once per step instead of in every layer
-        mask = mx.where(mask, mx.array(0, h.dtype), mx.array(-mx.inf, h.dtype))
-    if L == 1 and COMPILED_DECODE and (plan := decode_plan(model, fused)) is not None:
-        return inner.norm(plan.run(h, mask, caches))
-    for layer, cache, (qkv, gate_up) in zip(inner.layers, caches, fused):
+    groups = caches[0].layout.plan
+    if L == 1 and (opts.one_query_matmul or groups is not None):  # additive once per step, not per layer
+        mask = additive(mask, h.dtype)
+    if L == 1 and plan is not None:
+        return inner.norm(plan.run(h, mask, caches, groups))
+    for i, (layer, cache, (qkv, gate_up)) in enumerate(zip(inner.layers, caches, fused)):
         attn = layer.self_attn
         q, k, v = qkv(layer.input_layernorm(h))
         q = attn.rope(_heads(q, B, L, attn.n_heads), offset=cache.offset)
         k = attn.rope(_heads(k, B, L, attn.n_kv_heads), offset=cache.offset)
         k, v = cache.update_and_fetch(k, _heads(v, B, L, attn.n_kv_heads))
-        h = h + attn.o_proj(_attend(q, k, v, attn.scale, mask))
+        h = h + attn.o_proj(attend(q, k, v, scale=attn.scale, mask=mask, groups=groups, opts=opts, layer=i))
         g, u = gate_up(layer.post_attention_layernorm(h))
         h = h + layer.mlp.down_proj(swiglu(g, u))
     return inner.norm(h)
 
 
 class DecodePlan:
-    """A one-token layer as two compiled functions shared by every layer (weights are inputs):
+    """A one-token layer as compiled functions shared by every layer (weights are inputs):
     norm, q/k/v projection and RoPE before the cache write; (attention,) o-projection, MLP
-    and residuals (added by the matmuls on CUDA) after it. Why: building ~20 operations per
-    layer in Python every step costs more host time than the device needs for a small model;
-    a compiled call replays them from C++, and is traced again only when the batch changes.
+    and residuals (added by the matmuls where `use_addmm`) after it. Why: building ~20
+    operations per layer in Python every step costs more host time than the device needs
+    for a small model; a compiled call replays them from C++, and is traced again only
+    when the batch changes.
     """
 
-    def __init__(self, model: nn.Module, fused: list):
+    def __init__(self, model: nn.Module, fused: list, opts: AttendOptions, *, bucketed: bool):
         first = model.model.layers[0]
         attn, eps = first.self_attn, first.input_layernorm.eps
         self.weights = [(layer.input_layernorm.weight, qkv.weight, layer.self_attn.o_proj.weight,
                          layer.post_attention_layernorm.weight, gate_up.weight, layer.mlp.down_proj.weight)
                         for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
+        self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
         self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope))
-        self.scale = attn.scale
-        self.post = mx.compile(partial(_post, eps=eps))
-        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale))
+        self.post = mx.compile(partial(_post, eps=eps, use_addmm=opts.use_addmm))
+        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts))
 
-    def run(self, h: mx.array, mask: mx.array, caches: list) -> mx.array:
-        from . import kvcache
+    @classmethod
+    def build(cls, model: nn.Module, fused: list | None, opts: AttendOptions, *, bucketed: bool):
+        """For models whose projections are plain bias-free matrices with gate and up of equal
+        width; None otherwise (quantized weights keep the general path)."""
+        if fused is None:
+            return None
+        layers = model.model.layers
+        plain = all(type(m) is nn.Linear and "bias" not in m for l in layers
+                    for m in (l.self_attn.o_proj, l.mlp.down_proj))
+        plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
+        plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
+        return cls(model, fused, opts, bucketed=bucketed) if plain else None
 
-        # Attention joins the compiled call only where the cache keeps its shape for 256
-        # steps (GPUs); with exact shapes (CPU) it would be traced again at every step.
-        bucketed = kvcache.ATTEND_FULL_BUFFER
-        for (ln1, wqkv, wo, ln2, wgu, wd), cache in zip(self.weights, caches):
+    def run(self, h: mx.array, mask: mx.array, caches: list, groups) -> mx.array:
+        # Attention joins the compiled call only where the cache keeps its shape for a whole
+        # bucket (GPUs) and no row shares a prefix (the cascade's shape follows the groups).
+        fold = self.bucketed and groups is None
+        for i, ((ln1, wqkv, wo, ln2, wgu, wd), cache) in enumerate(zip(self.weights, caches)):
             q, k, v = self.pre(h, ln1, wqkv, cache.offset)
             k, v = cache.update_and_fetch(k, v)  # outside: an in-place write into the cache buffer
-            if bucketed:
+            if fold:
                 h = self.attend_post(h, q, k, v, mask, wo, ln2, wgu, wd)
             else:
-                h = self.post(h, _attend(q, k, v, self.scale, mask), wo, ln2, wgu, wd)
+                o = attend(q, k, v, scale=self.scale, mask=mask, groups=groups, opts=self.opts, layer=i)
+                h = self.post(h, o, wo, ln2, wgu, wd)
         return h
 
 
@@ -177,47 +189,21 @@ def _pre(h, ln1, wqkv, offset, *, heads, eps, rope):
     return qk[:, :nq], qk[:, nq:], y[..., qk_cols:].reshape(B, nk, 1, -1)
 
 
-def _post(h, o, wo, ln2, wgu, wd, *, eps):
+def _post(h, o, wo, ln2, wgu, wd, *, eps, use_addmm):
     from mlx_lm.models.activations import swiglu
 
-    h = _residual(h, o, wo)
+    h = _residual(h, o, wo, use_addmm)
     g, u = mx.split(mx.fast.rms_norm(h, ln2, eps) @ wgu.T, 2, axis=-1)
-    return _residual(h, swiglu(g, u), wd)
+    return _residual(h, swiglu(g, u), wd, use_addmm)
 
 
-def _residual(h, x, w):
-    return mx.addmm(h, x, w.T) if RESIDUAL_ADDMM else h + x @ w.T
+def _residual(h, x, w, use_addmm: bool):
+    return mx.addmm(h, x, w.T) if use_addmm else h + x @ w.T
 
 
-def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale):
-    return _post(h, _attend(q, k, v, scale, mask), wo, ln2, wgu, wd, eps=eps)
-
-
-_PLANS: dict[int, DecodePlan | None] = {}
-
-
-def decode_plan(model: nn.Module, fused: list) -> DecodePlan | None:
-    """The compiled one-token path, for models whose projections are plain bias-free matrices
-    with gate and up of equal width (quantized weights keep the general path)."""
-    key = id(model)
-    if key not in _PLANS:
-        layers = model.model.layers
-        plain = all(type(m) is nn.Linear and "bias" not in m for l in layers
-                    for m in (l.self_attn.o_proj, l.mlp.down_proj))
-        plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
-        plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
-        _PLANS[key] = DecodePlan(model, fused) if plain else None
-        weakref.finalize(model, _PLANS.pop, key, None)
-    return _PLANS[key]
-
-
-def _attend(q, k, v, scale: float, mask: mx.array) -> mx.array:
-    """Attention output as [B, L, heads * dim]."""
-    B, _, L, _ = q.shape
-    if L == 1 and DECODE_MATMUL:
-        return _attend_one(q, k, v, scale, mask)
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    return o.reshape(B, 1, -1) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale, opts):
+    o = attend(q, k, v, scale=scale, mask=mask, groups=None, opts=opts, layer=0)
+    return _post(h, o, wo, ln2, wgu, wd, eps=eps, use_addmm=opts.use_addmm)
 
 
 def _heads(x: mx.array, B: int, L: int, n: int) -> mx.array:
@@ -225,13 +211,3 @@ def _heads(x: mx.array, B: int, L: int, n: int) -> mx.array:
     if L == 1:
         return x.reshape(B, n, 1, -1)
     return x.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
-
-
-def _attend_one(q, k, v, scale: float, mask: mx.array) -> mx.array:
-    """Attention of one query per row as two batched matmuls: [B, 1, heads * dim]."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, D)  # query heads grouped under their shared key head
-    scores = mx.addmm(mx.broadcast_to(mask, (B, Hkv, H // Hkv, k.shape[2])), qg, k.swapaxes(-1, -2), alpha=scale)
-    o = mx.softmax(scores, axis=-1, precise=True) @ v
-    return o.reshape(B, 1, H * D)

@@ -2,45 +2,114 @@
 
 Owns: per-layer key/value buffers of a batch of rows that share one column
 layout (a boolean `valid` mask says which columns each row may attend to), the
-per-row RoPE positions, merging batches, dropping rows and trimming columns,
-and running an mlx-lm model for hidden states and projecting chosen positions.
+per-row RoPE positions, shared prefixes stored once (a group's rows attend to one
+copy; see attention.py), merging batches, dropping rows and trimming columns.
 Unlike mlx-lm's BatchKVCache (left padding only), gaps may sit anywhere, so a
 shared prefix can be followed by right-aligned suffixes of different lengths.
-Does not own: which rows run (scheduler.py) or sampling (sampling.py).
+Does not own: running the model (model_runner.py), which rows run (scheduler.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
-import mlx.nn as nn
 
-from .fused import fused_layers, hidden_states
-
-USE_FUSED = True  # tests switch it off to compare against mlx-lm's own layers
-
-_GROW = 256  # columns added at a time, as mlx-lm's caches do
-# Attention runs over the whole buffer (unused columns masked), so its shapes change once
-# per _GROW columns instead of every step: backends that build a kernel or plan per shape
-# (MLX's CUDA attention) would otherwise pay that cost at every step of a cold run.
-
-
+_GROW = 256  # columns added at a time to long rows, as mlx-lm's caches do
+# With `full_buffer`, attention runs over the whole buffer (unused columns masked), so its
+# shapes change once per bucket instead of every step: backends that build a kernel or plan
+# per shape (MLX's CUDA attention) would otherwise pay that cost at every step of a cold run.
 # On the CPU there is no per-shape cost and masked columns are pure waste: exact shapes.
-ATTEND_FULL_BUFFER = mx.default_device() != mx.cpu
 
 
 def capacity(columns: int) -> int:
-    return ((columns + _GROW - 1) // _GROW) * _GROW
-# Architectures whose mlx-lm Model is `model.model(...)` then lm_head / tied embedding.
-_FAST_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
+    # Finer steps for short rows: rows that share a prefix hold only a short suffix each.
+    step = 16 if columns <= 64 else 64 if columns <= _GROW else _GROW
+    return ((columns + step - 1) // step) * step
+
+
+@dataclass(eq=False)
+class SharedPrefix:
+    """A prompt prefix's keys/values, stored once (batch 1, per layer), for a group of rows."""
+
+    key: bytes
+    kv: list  # per layer (keys, values), each [1, Hkv, length, D]
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Which rows attend to which shared prefix; rebuilt when the batch's rows change."""
+
+    parts: list  # (SharedPrefix, row index array, or None when the group is every row in order)
+    num_ungrouped: int
+    perm: mx.array | None  # batch row -> position in the concatenated parts (None: identity)
+
+    @classmethod
+    def build(cls, groups: list, row_group: list[int]) -> "GroupPlan | None":
+        members: dict[int, list[int]] = {}
+        for row, g in enumerate(row_group):
+            members.setdefault(g, []).append(row)
+        if all(g < 0 for g in members):
+            return None
+        order = [r for g in sorted(k for k in members if k >= 0) for r in members[g]] + members.get(-1, [])
+        if len(members) == 1:
+            return cls([(groups[row_group[0]], None)], 0, None)
+        parts = [(groups[g], mx.array(members[g], dtype=mx.int32)) for g in sorted(k for k in members if k >= 0)]
+        perm = [0] * len(order)
+        for pos, row in enumerate(order):
+            perm[row] = pos
+        is_identity = order == list(range(len(order)))
+        return cls(parts, len(members.get(-1, [])), None if is_identity else mx.array(perm, dtype=mx.int32))
 
 
 class Layout:
-    """Column bookkeeping shared by every layer of one batch."""
+    """Column bookkeeping shared by every layer of one batch, and its rows' shared prefixes."""
 
-    def __init__(self, batch: int):
+    def __init__(self, batch: int, *, full_buffer: bool = False):
         self.valid = mx.zeros((batch, 0), dtype=mx.bool_)
         self.offset = mx.zeros((batch,), dtype=mx.int32)  # RoPE position of the next column
         self.idx = 0  # columns in use
+        self.full_buffer = full_buffer
+        self.groups: list[SharedPrefix] = []
+        self.row_group = [-1] * batch  # index into groups, -1: none
+        self._plan: GroupPlan | None | bool = False  # False: not built yet
+
+    @property
+    def plan(self) -> GroupPlan | None:
+        if self._plan is False:
+            self._plan = GroupPlan.build(self.groups, self.row_group)
+        return self._plan
+
+    def share(self, prefix: SharedPrefix) -> None:
+        """Every row of this (new) batch attends to `prefix` before its own columns."""
+        self.groups, self.row_group, self._plan = [prefix], [0] * self.batch, False
+
+    def keep_groups(self, rows: list[int]) -> None:
+        used = sorted({self.row_group[r] for r in rows if self.row_group[r] >= 0})
+        remap = {g: i for i, g in enumerate(used)}
+        self.groups = [self.groups[g] for g in used]
+        self.row_group = [remap.get(self.row_group[r], -1) for r in rows]
+        self._plan = False
+
+    def merge_groups(self, other: "Layout") -> None:
+        remap = {}
+        for g, prefix in enumerate(other.groups):
+            found = next((i for i, mine in enumerate(self.groups) if mine is prefix), None)
+            if found is None:
+                self.groups.append(prefix)
+                found = len(self.groups) - 1
+            remap[g] = found
+        self.row_group = self.row_group + [remap.get(g, -1) for g in other.row_group]
+        self._plan = False
+
+    @property
+    def shared_bytes(self) -> int:
+        return sum(p.nbytes for p in self.groups)
 
     @property
     def batch(self) -> int:
@@ -73,7 +142,7 @@ class LayerCache:
             self._grow(keys, values, start + n)
         self.keys[..., start : start + n, :] = keys
         self.values[..., start : start + n, :] = values
-        if ATTEND_FULL_BUFFER:
+        if self.layout.full_buffer:
             return self.keys, self.values
         return self.keys[..., : start + n, :], self.values[..., : start + n, :]
 
@@ -93,7 +162,7 @@ class LayerCache:
         also sees itself so its softmax stays finite (its output is never used)."""
         total = self.layout.idx + N
         cap = total
-        if ATTEND_FULL_BUFFER:
+        if self.layout.full_buffer:
             cap = max(capacity(total), self.keys.shape[2] if self.keys is not None else 0)
         valid = _pad_right(self.layout.valid[:, :total], cap - total)[:, None, None, :]
         if N == 1:
@@ -110,8 +179,8 @@ class LayerCache:
 class BatchCache:
     """All layers' caches of one batch plus their shared layout."""
 
-    def __init__(self, num_layers: int, batch: int):
-        self.layout = Layout(batch)
+    def __init__(self, num_layers: int, batch: int, *, full_buffer: bool = False):
+        self.layout = Layout(batch, full_buffer=full_buffer)
         self.layers = [LayerCache(self.layout) for _ in range(num_layers)]
 
     @property
@@ -129,10 +198,15 @@ class BatchCache:
                 out += [c.keys, c.values]
         return out
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this batch's own buffers (shared prefixes not included)."""
+        return sum(c.keys.nbytes + c.values.nbytes for c in self.layers if c.keys is not None)
+
     @classmethod
-    def from_prefix(cls, prefix_kv: list, batch: int, length: int) -> "BatchCache":
-        """A batch whose rows all start with the same computed prefix."""
-        bc = cls(len(prefix_kv), batch)
+    def from_prefix(cls, prefix_kv: list, batch: int, length: int, *, full_buffer: bool = False) -> "BatchCache":
+        """A batch whose rows all start with a copy of the same computed prefix."""
+        bc = cls(len(prefix_kv), batch, full_buffer=full_buffer)
         if length == 0:
             return bc
         for c, (k, v) in zip(bc.layers, prefix_kv):
@@ -158,6 +232,7 @@ class BatchCache:
         first = int(mx.argmax(valid.any(axis=0)).item()) if trim and lay.idx else 0
         lay.valid = valid[:, first:]
         lay.offset = lay.offset[index]
+        lay.keep_groups(rows)
         for c in self.layers:
             if c.keys is not None:
                 c.keys = c.keys[index, :, first : lay.idx, :]
@@ -172,6 +247,7 @@ class BatchCache:
         lay.valid = mx.concatenate([_pad_cols(lay.valid[:, : self.columns], a_pad),
                                     _pad_cols(olay.valid[:, : other.columns], b_pad)], axis=0)
         lay.offset = mx.concatenate([lay.offset, olay.offset])
+        lay.merge_groups(olay)
         for c, o in zip(self.layers, other.layers):
             (ak, av), (bk, bv) = _used_or_empty(c, o), _used_or_empty(o, c)
             c.keys = mx.concatenate([_pad_kv(ak, a_pad), _pad_kv(bk, b_pad)], axis=0)
@@ -203,33 +279,3 @@ def _used_or_empty(c: LayerCache, like: LayerCache):
     k, v = like.keys, like.values
     B = c.layout.batch
     return (mx.zeros((B, k.shape[1], 0, k.shape[3]), k.dtype), mx.zeros((B, v.shape[1], 0, v.shape[3]), v.dtype))
-
-
-def _hidden(model: nn.Module, tokens: mx.array, cache: BatchCache) -> mx.array:
-    if USE_FUSED and (fused := fused_layers(model)) is not None:
-        return hidden_states(model, tokens, cache.layers, fused)
-    return model.model(tokens, cache=cache.layers)
-
-
-def forward_last(model: nn.Module, tokens: mx.array, cache: BatchCache) -> mx.array:
-    """Logits [B, vocab] of the last column only, advancing the cache by the input width.
-
-    The caller has already declared the new columns' validity with `layout.begin`.
-    """
-    if getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model"):
-        h = _hidden(model, tokens, cache)[:, -1, :]
-        logits = model.lm_head(h) if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear(h)
-    else:  # other architectures: the full call (projects every position)
-        logits = model(tokens, cache=cache.layers)[:, -1, :]
-    cache.layout.end(tokens.shape[1])
-    return logits
-
-
-def forward_hidden(model: nn.Module, tokens: mx.array, cache: BatchCache) -> None:
-    """Fill the cache for `tokens` without projecting any logits (prefill chunks)."""
-    if getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model"):
-        out = _hidden(model, tokens, cache)
-    else:
-        out = model(tokens, cache=cache.layers)
-    cache.layout.end(tokens.shape[1])
-    mx.eval(out, *cache.arrays())  # bound the lazy graph between chunks

@@ -1,0 +1,122 @@
+"""Attention of a batch whose rows may share a prefix stored once (cascade attention).
+
+Owns: how queries attend, in MLX operations only (one code path for Metal, CUDA
+and CPU). Each row attends to its own columns in the batch cache (masked: gaps,
+padding, causality) and, when it belongs to a group, to its group's shared
+prefix, stored once. The two softmax parts are merged by their log-sum-exp
+(FlashInfer's cascade attention, the Hydragen paper). Queries are grouped under
+their KV head (GQA), so one matmul reads each KV byte once for all the query
+heads that share it; the shared part stacks every row of a group into one
+matmul, so a prefix is read once per step, not once per row.
+Does not own: the cache layout (kvcache.py) or the choice of form (model_runner.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class AttendOptions:
+    """How attention is computed on this backend (chosen once, by the model runner)."""
+
+    one_query_matmul: bool = False  # one query as matmuls (CUDA: MLX's masked one-query sdpa is a slow gemv)
+    use_addmm: bool = False  # mask added by the score matmul (one kernel); MLX's CPU addmm is slow
+
+
+def additive(mask: mx.array, dtype) -> mx.array:
+    """Boolean mask -> 0 / -inf in the activations' dtype."""
+    return mx.where(mask, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+
+
+def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions, layer: int) -> mx.array:
+    """Attention output [B, L, heads * dim] of queries q [B, H, L, D] over the row's own
+    keys/values k, v [B, Hkv, S, D] (mask: bool or additive, [B, 1, L|1, S]) and, for rows
+    in a group, the group's stored prefix (`groups`: a GroupPlan or None)."""
+    B, H, L, D = q.shape
+    if groups is None:
+        if L == 1 and opts.one_query_matmul:
+            return _one_query(q, k, v, scale, mask, opts).reshape(B, 1, H * D)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _heads_last(o)
+    Hkv = k.shape[1]
+    M = (H // Hkv) * L
+    qg = q.reshape(B, Hkv, M, D)  # rows ordered (query head in group, position)
+    mask = mask if mask.dtype != mx.bool_ else additive(mask, q.dtype)
+    if L > 1:  # the same [L, S] mask for every query head of a group
+        mask = mx.broadcast_to(mask[:, :, None], (B, 1, H // Hkv, L, mask.shape[-1])).reshape(B, 1, M, -1)
+    own = _part(qg, k, v, scale, mask, opts)
+    o = _merge(own, _shared(qg, groups, layer, scale, opts)).astype(q.dtype)
+    return _heads_last(o.reshape(B, H, L, D))
+
+
+def _heads_last(o: mx.array) -> mx.array:
+    B, H, L, D = o.shape
+    return o.reshape(B, 1, H * D) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+
+
+def _one_query(q, k, v, scale, mask, opts):
+    """One query per row as two batched matmuls, query heads grouped under their KV head."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)
+    mask = mask if mask.dtype != mx.bool_ else additive(mask, q.dtype)
+    if opts.use_addmm:
+        scores = mx.addmm(mx.broadcast_to(mask, (B, Hkv, H // Hkv, k.shape[2])), qg, k.swapaxes(-1, -2), alpha=scale)
+    else:
+        scores = (qg @ k.swapaxes(-1, -2)) * scale + mask
+    return mx.softmax(scores, axis=-1, precise=True) @ v
+
+
+def _part(qg, k, v, scale: float, mask, opts):
+    """Unnormalised softmax part: (p @ v, row max, row sum), scores in float32."""
+    kt = k.swapaxes(-1, -2)
+    if mask is None:
+        s = (qg @ kt).astype(mx.float32) * scale
+    elif opts.use_addmm:
+        s = mx.addmm(mx.broadcast_to(mask, (*qg.shape[:-1], k.shape[2])), qg, kt, alpha=scale).astype(mx.float32)
+    else:
+        s = (qg @ kt).astype(mx.float32) * scale + mask
+    m = mx.max(s, axis=-1, keepdims=True)
+    p = mx.exp(s - m)
+    return p.astype(v.dtype) @ v, m, mx.sum(p, axis=-1, keepdims=True)
+
+
+def _shared(qg, groups, layer: int, scale: float, opts):
+    """The shared-prefix part of every row (rows outside any group contribute nothing)."""
+    _, Hkv, M, D = qg.shape
+    outs, maxes, sums = [], [], []
+    for prefix, rows in groups.parts:
+        qr = qg if rows is None else qg[rows]
+        n = qr.shape[0]
+        stacked = qr.transpose(1, 0, 2, 3).reshape(1, Hkv, n * M, D)  # all rows of the group in one matmul
+        pk, pv = prefix.kv[layer]
+        o, m, s = _part(stacked, pk, pv, scale, None, opts)
+        outs.append(_unstack(o, n))
+        maxes.append(_unstack(m, n))
+        sums.append(_unstack(s, n))
+    if groups.num_ungrouped:
+        shape = (groups.num_ungrouped, Hkv, M)
+        outs.append(mx.zeros((*shape, D), outs[0].dtype))
+        maxes.append(mx.full((*shape, 1), -mx.inf, mx.float32))
+        sums.append(mx.zeros((*shape, 1), mx.float32))
+    parts = [mx.concatenate(x) if len(x) > 1 else x[0] for x in (outs, maxes, sums)]
+    if groups.perm is not None:
+        parts = [x[groups.perm] for x in parts]
+    return parts
+
+
+def _unstack(x: mx.array, n: int) -> mx.array:
+    """[1, Hkv, n * M, d] -> [n, Hkv, M, d]."""
+    _, Hkv, nM, d = x.shape
+    return x.reshape(Hkv, n, nM // n, d).transpose(1, 0, 2, 3)
+
+
+def _merge(a, b) -> mx.array:
+    """Combine two softmax parts by their log-sum-exp."""
+    (oa, ma, sa), (ob, mb, sb) = a, b
+    m = mx.maximum(ma, mb)
+    wa, wb = mx.exp(ma - m), mx.exp(mb - m)
+    return (oa * wa + ob * wb) / (sa * wa + sb * wb)

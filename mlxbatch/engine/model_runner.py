@@ -1,0 +1,113 @@
+"""The model runner: owns the forward pass and every backend choice it depends on.
+
+Owns: the choices made once when a model is loaded (how attention is computed,
+whether the cache is bucketed, fused projections, the compiled decode layer,
+whether rows may share a stored prefix), running the model for hidden states
+and projecting only the positions wanted, and the KV bytes per token. Choices
+come from the backend (`ForwardOptions.for_backend`) and can be overridden by
+argument (tests do). Does not own: which rows run (core.py) or the cache layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .attention import AttendOptions
+from .fused import DecodePlan, fuse, hidden_states
+from .kvcache import BatchCache
+
+# Architectures whose mlx-lm Model is `model.model(...)` then lm_head / tied embedding.
+_FAST_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    full_buffer: bool = False  # attend over the bucketed buffer: shapes change per bucket, not per step
+    one_query_matmul: bool = False  # see AttendOptions
+    use_addmm: bool = False  # residuals and masks added by the matmuls
+    fused: bool = True  # fused q/k/v and gate/up projections (llama)
+    compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
+    shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
+
+    @classmethod
+    def for_backend(cls, backend: str, **overrides) -> "ForwardOptions":
+        """Measured choices (FINDINGS.md, docs/bench): MLX's CUDA attention has no one-query
+        kernel that takes a mask (it falls back to a slow batched gemv), so there one query is
+        matmuls; MLX's CPU addmm is ~15x slower than a BLAS matmul plus an add; GPUs build a
+        kernel plan per shape, so they attend over the bucketed buffer."""
+        gpu, cuda = backend != "cpu", backend == "cuda"
+        return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda), **overrides)
+
+    @property
+    def attend(self) -> AttendOptions:
+        return AttendOptions(one_query_matmul=self.one_query_matmul, use_addmm=self.use_addmm)
+
+
+def device_backend() -> str:
+    """Which backend runs arrays by default: 'metal', 'cuda' or 'cpu'."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda" if mx.cuda.is_available() else "cpu"
+
+
+class ModelRunner:
+    """Runs one model over a BatchCache; built once per engine."""
+
+    def __init__(self, model: nn.Module, options: ForwardOptions | None = None):
+        self.model = model
+        self.options = options or ForwardOptions.for_backend(device_backend())
+        self.is_fast_head = getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model")
+        self.fused = fuse(model) if self.options.fused else None
+        self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer)
+                     if self.options.compiled_decode else None)
+        # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
+        self.can_share_prefix = self.options.shared_prefix and self.fused is not None
+        self.num_layers = len(model.layers)
+
+    def describe(self) -> str:
+        """One line for the log: what runs and why."""
+        on = [k for k, v in asdict(self.options).items() if v is True]
+        path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
+        return f"forward: {path}; " + ", ".join(on)
+
+    def new_cache(self, batch: int) -> BatchCache:
+        return BatchCache(self.num_layers, batch, full_buffer=self.options.full_buffer)
+
+    def kv_bytes_per_token(self) -> int:
+        args = self.model.args
+        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        # Keys/values take the activations' dtype: that of the model's floating parameters.
+        itemsize = next(v.dtype.size for _, v in tree_flatten(self.model.parameters())
+                        if mx.issubdtype(v.dtype, mx.floating))
+        return 2 * self.num_layers * heads * head_dim * itemsize
+
+    def _hidden(self, tokens: mx.array, cache: BatchCache) -> mx.array:
+        if self.fused is not None:
+            return hidden_states(self.model, tokens, cache.layers, self.fused, opts=self.options.attend,
+                                 plan=self.plan)
+        return self.model.model(tokens, cache=cache.layers)
+
+    def forward_last(self, tokens: mx.array, cache: BatchCache) -> mx.array:
+        """Logits [B, vocab] of the last column only, advancing the cache by the input width.
+
+        The caller has already declared the new columns' validity with `layout.begin`.
+        """
+        if self.is_fast_head:
+            h = self._hidden(tokens, cache)[:, -1, :]
+            m = self.model
+            logits = m.lm_head(h) if hasattr(m, "lm_head") else m.model.embed_tokens.as_linear(h)
+        else:  # other architectures: the full call (projects every position)
+            logits = self.model(tokens, cache=cache.layers)[:, -1, :]
+        cache.layout.end(tokens.shape[1])
+        return logits
+
+    def forward_hidden(self, tokens: mx.array, cache: BatchCache) -> None:
+        """Fill the cache for `tokens` without projecting any logits (prefill chunks)."""
+        out = self._hidden(tokens, cache) if self.is_fast_head else self.model(tokens, cache=cache.layers)
+        cache.layout.end(tokens.shape[1])
+        mx.eval(out, *cache.arrays())  # bound the lazy graph between chunks
