@@ -42,6 +42,11 @@ NATIVE = [Q.Q4_0, Q.Q8_0, Q.Q4_1, Q.F16]  # what mx.load reads itself
 _K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXBATCH_HOME", str(tmp_path / "home"))  # imports land here, not in the user's cache
+
+
 def _encode(x: np.ndarray, kind: Q, rng) -> tuple[np.ndarray, np.ndarray]:
     """(raw GGUF data, the float32 values it stands for)."""
     if kind == Q.F32:
