@@ -180,7 +180,8 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
     lm = models.load(model, dtype=dtype)
     prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in messages]
     batch = batch_size or min(len(prompts), 512)
-    gc.collect()  # loading's garbage, before anything is timed (run_job then freezes the rest)
+    gc.collect()  # loading's garbage, before anything is timed
+    gc.freeze()  # as the CLI's `run` does: startup objects leave the collector's scans
     # Each MLX system first makes the identical run untimed: the CUDA backend builds
     # kernels and attention plans per shape on first use, and whoever ran first would
     # pay for both (they share the process-wide caches).

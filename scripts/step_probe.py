@@ -9,6 +9,7 @@ waiting for the device, the Python bookkeeping, and admission. With --kernels (n
 kernels of a few steady-state decode steps (CUPTI sees MLX's kernels too).
 """
 import os
+from dataclasses import replace
 import sys
 import time
 
@@ -35,7 +36,8 @@ VARIANTS = {
     "mlx-lm-layers": ForwardOptions.for_backend(_B, fused=False),  # the forward 1B/8B ran before
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
-MIN_SHARED = int(opt.get("--min-shared", "32"))
+if "--min-shared" in opt:  # e.g. --min-shared=32: share parallm's system prompt too
+    VARIANTS = {k: replace(v, min_shared_tokens=int(opt["--min-shared"])) for k, v in VARIANTS.items()}
 
 
 def timed(eng: Engine, name: str, acc: dict) -> None:
@@ -52,7 +54,7 @@ def timed(eng: Engine, name: str, acc: dict) -> None:
 
 
 def engine_run(label: str, phases: bool = False):
-    eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label], min_shared_tokens=MIN_SHARED)
+    eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label])
     acc: dict = {}
     if phases:
         for name in ("_decode", "_admit", "_compact", "_absorb"):
@@ -99,7 +101,7 @@ if "--kernels" in sys.argv:
     from torch.profiler import ProfilerActivity, profile
 
     for label in chosen:
-        eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label], min_shared_tokens=MIN_SHARED)
+        eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label])
         for i, p in enumerate(prompts):
             eng.add(Request(i, p, SamplingParams(max_tokens=max_tokens)))
         for _ in range(20):

@@ -28,9 +28,6 @@ DEFAULT_PREFIX_CACHE_GB = 1.0
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-# A unit's common prefix is stored once (not copied into each row) from this many tokens:
-# below it the cascade's extra operations cost more than the copies they save.
-DEFAULT_MIN_SHARED_TOKENS = 32
 
 
 @dataclass
@@ -59,8 +56,7 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, *, max_batch: int | None = None, max_kv_gb: float | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
-                 max_prefill_tokens: int | None = None, options: ForwardOptions | None = None,
-                 min_shared_tokens: int = DEFAULT_MIN_SHARED_TOKENS):
+                 max_prefill_tokens: int | None = None, options: ForwardOptions | None = None):
         self.lm = lm
         self.runner = ModelRunner(lm.model, options)
         is_cpu = not self.runner.options.full_buffer
@@ -68,7 +64,6 @@ class Engine:
         self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()
         self.prefill_chunk = prefill_chunk
         self.max_prefill_tokens = max_prefill_tokens or (4096 if is_cpu else 32768)
-        self.min_shared_tokens = min_shared_tokens
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
         self.scheduler = Scheduler()
         self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe())
@@ -260,7 +255,7 @@ class Engine:
         if not p:
             return self.runner.new_cache(len(reqs))
         prefix = self._prefix(reqs[0].tokens[:p])
-        if self.runner.can_share_prefix and len(reqs) > 1 and p >= self.min_shared_tokens:
+        if self.runner.can_share_prefix and len(reqs) > 1 and p >= self.runner.options.min_shared_tokens:
             cache = self.runner.new_cache(len(reqs))
             cache.layout.share(prefix)
             return cache

@@ -22,9 +22,11 @@ _GROW = 256  # columns added at a time to long rows, as mlx-lm's caches do
 # On the CPU there is no per-shape cost and masked columns are pure waste: exact shapes.
 
 
-def capacity(columns: int) -> int:
-    # Finer steps for short rows: rows that share a prefix hold only a short suffix each.
-    step = 16 if columns <= 64 else 64 if columns <= _GROW else _GROW
+def capacity(columns: int, *, fine: bool = True) -> int:
+    # Finer steps for short rows (rows that share a prefix hold only a short suffix each);
+    # coarser where every new width costs a kernel plan and a trace (`full_buffer` backends).
+    small = 16 if fine else 64
+    step = small if columns <= 4 * small else 64 if columns <= _GROW else _GROW
     return ((columns + step - 1) // step) * step
 
 
@@ -148,7 +150,7 @@ class LayerCache:
 
     def _grow(self, keys, values, needed: int) -> None:
         B, H, _, Dk = keys.shape
-        cols = capacity(needed)
+        cols = capacity(needed, fine=not self.layout.full_buffer)
         new_k = mx.zeros((B, H, cols, Dk), keys.dtype)
         new_v = mx.zeros((B, H, cols, values.shape[3]), values.dtype)
         if self.keys is not None:
@@ -163,7 +165,7 @@ class LayerCache:
         total = self.layout.idx + N
         cap = total
         if self.layout.full_buffer:
-            cap = max(capacity(total), self.keys.shape[2] if self.keys is not None else 0)
+            cap = max(capacity(total, fine=False), self.keys.shape[2] if self.keys is not None else 0)
         valid = _pad_right(self.layout.valid[:, :total], cap - total)[:, None, None, :]
         if N == 1:
             return valid

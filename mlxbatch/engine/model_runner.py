@@ -32,15 +32,19 @@ class ForwardOptions:
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
+    min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "ForwardOptions":
         """Measured choices (FINDINGS.md, docs/bench): MLX's CUDA attention has no one-query
         kernel that takes a mask (it falls back to a slow batched gemv), so there one query is
         matmuls; MLX's CPU addmm is ~15x slower than a BLAS matmul plus an add; GPUs build a
-        kernel plan per shape, so they attend over the bucketed buffer."""
+        kernel plan per shape, so they attend over the bucketed buffer. On a GPU the cascade's
+        extra operations per layer cost more than re-reading a short prefix (H200, parallm-325's
+        ~45 shared tokens: 16.0 vs 14.5 ms a step at 8B), so only long prefixes are shared."""
         gpu, cuda = backend != "cpu", backend == "cuda"
-        return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda), **overrides)
+        return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda,
+                           min_shared_tokens=256 if gpu else 32), **overrides)
 
     @property
     def attend(self) -> AttendOptions:
@@ -71,6 +75,7 @@ class ModelRunner:
     def describe(self) -> str:
         """One line for the log: what runs and why."""
         on = [k for k, v in asdict(self.options).items() if v is True]
+        on = [f"{k} (from {self.options.min_shared_tokens} tokens)" if k == "shared_prefix" else k for k in on]
         path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
         return f"forward: {path}; " + ", ".join(on)
 
