@@ -33,6 +33,7 @@ VARIANTS = {
     "uncompiled": ForwardOptions.for_backend(_B, compiled_decode=False),
     "sdpa": ForwardOptions.for_backend(_B, one_query_matmul=False),
     "no-addmm": ForwardOptions.for_backend(_B, use_addmm=False),
+    "mask-addmm": ForwardOptions.for_backend(_B, mask_addmm=True),  # the mask added by the score matmul
     "mlx-lm-layers": ForwardOptions.for_backend(_B, fused=False),  # the forward 1B/8B ran before
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")

@@ -14,6 +14,7 @@ Does not own: the cache layout (kvcache.py) or the choice of form (model_runner.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 
@@ -23,7 +24,9 @@ class AttendOptions:
     """How attention is computed on this backend (chosen once, by the model runner)."""
 
     one_query_matmul: bool = False  # one query as matmuls (CUDA: MLX's masked one-query sdpa is a slow gemv)
-    use_addmm: bool = False  # mask added by the score matmul (one kernel); MLX's CPU addmm is slow
+    mask_addmm: bool = False  # mask added by the score matmul (one kernel, but CUDA's batched addmm
+    # with a broadcast mask takes a pointer-array path; MLX's CPU addmm is slow)
+    compiled: bool = False  # one-token cascade as one compiled call (where cache shapes are bucketed)
 
 
 def additive(mask: mx.array, dtype) -> mx.array:
@@ -34,13 +37,23 @@ def additive(mask: mx.array, dtype) -> mx.array:
 def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions, layer: int) -> mx.array:
     """Attention output [B, L, heads * dim] of queries q [B, H, L, D] over the row's own
     keys/values k, v [B, Hkv, S, D] (mask: bool or additive, [B, 1, L|1, S]) and, for rows
-    in a group, the group's stored prefix (`groups`: a GroupPlan or None)."""
+    in a group, the group's stored prefix (`groups`: a GroupPlan, or None)."""
     B, H, L, D = q.shape
     if groups is None:
         if L == 1 and opts.one_query_matmul:
             return _one_query(q, k, v, scale, mask, opts).reshape(B, 1, H * D)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return _heads_last(o)
+    # Dozens of small operations per layer: replayed from one compiled call where shapes hold.
+    fn = groups.function(scale, opts, compiled=opts.compiled and L == 1)
+    return fn(q, k, v, mask, [p.kv[layer] for p in groups.prefixes], groups.rows, groups.perm)
+
+
+def cascade(q, k, v, mask, kvs, rows, perm, *, scale: float, opts: AttendOptions, has_rows: tuple,
+            num_ungrouped: int) -> mx.array:
+    """Own columns and shared prefixes, merged; `kvs` per group, `rows` for groups that are
+    not the whole batch in order (`has_rows`), `perm` ([] or [batch row -> part position])."""
+    B, H, L, D = q.shape
     Hkv = k.shape[1]
     M = (H // Hkv) * L
     qg = q.reshape(B, Hkv, M, D)  # rows ordered (query head in group, position)
@@ -48,8 +61,10 @@ def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions
     if L > 1:  # the same [L, S] mask for every query head of a group
         mask = mx.broadcast_to(mask[:, :, None], (B, 1, H // Hkv, L, mask.shape[-1])).reshape(B, 1, M, -1)
     own = _part(qg, k, v, scale, mask, opts)
-    o = _merge(own, _shared(qg, groups, layer, scale, opts)).astype(q.dtype)
-    return _heads_last(o.reshape(B, H, L, D))
+    row_iter = iter(rows)
+    picked = [next(row_iter) if r else None for r in has_rows]
+    shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts)
+    return _heads_last(_merge(own, shared).astype(q.dtype).reshape(B, H, L, D))
 
 
 def _heads_last(o: mx.array) -> mx.array:
@@ -63,7 +78,7 @@ def _one_query(q, k, v, scale, mask, opts):
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, D)
     mask = mask if mask.dtype != mx.bool_ else additive(mask, q.dtype)
-    if opts.use_addmm:
+    if opts.mask_addmm:
         scores = mx.addmm(mx.broadcast_to(mask, (B, Hkv, H // Hkv, k.shape[2])), qg, k.swapaxes(-1, -2), alpha=scale)
     else:
         scores = (qg @ k.swapaxes(-1, -2)) * scale + mask
@@ -75,7 +90,7 @@ def _part(qg, k, v, scale: float, mask, opts):
     kt = k.swapaxes(-1, -2)
     if mask is None:
         s = (qg @ kt).astype(mx.float32) * scale
-    elif opts.use_addmm:
+    elif opts.mask_addmm:
         s = mx.addmm(mx.broadcast_to(mask, (*qg.shape[:-1], k.shape[2])), qg, kt, alpha=scale).astype(mx.float32)
     else:
         s = (qg @ kt).astype(mx.float32) * scale + mask
@@ -84,27 +99,26 @@ def _part(qg, k, v, scale: float, mask, opts):
     return p.astype(v.dtype) @ v, m, mx.sum(p, axis=-1, keepdims=True)
 
 
-def _shared(qg, groups, layer: int, scale: float, opts):
+def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts):
     """The shared-prefix part of every row (rows outside any group contribute nothing)."""
     _, Hkv, M, D = qg.shape
     outs, maxes, sums = [], [], []
-    for prefix, rows in groups.parts:
-        qr = qg if rows is None else qg[rows]
+    for (pk, pv), picked in zip(kvs, rows):
+        qr = qg if picked is None else qg[picked]
         n = qr.shape[0]
         stacked = qr.transpose(1, 0, 2, 3).reshape(1, Hkv, n * M, D)  # all rows of the group in one matmul
-        pk, pv = prefix.kv[layer]
         o, m, s = _part(stacked, pk, pv, scale, None, opts)
         outs.append(_unstack(o, n))
         maxes.append(_unstack(m, n))
         sums.append(_unstack(s, n))
-    if groups.num_ungrouped:
-        shape = (groups.num_ungrouped, Hkv, M)
+    if num_ungrouped:
+        shape = (num_ungrouped, Hkv, M)
         outs.append(mx.zeros((*shape, D), outs[0].dtype))
         maxes.append(mx.full((*shape, 1), -mx.inf, mx.float32))
         sums.append(mx.zeros((*shape, 1), mx.float32))
     parts = [mx.concatenate(x) if len(x) > 1 else x[0] for x in (outs, maxes, sums)]
-    if groups.perm is not None:
-        parts = [x[groups.perm] for x in parts]
+    if perm is not None:
+        parts = [x[perm] for x in parts]
     return parts
 
 
@@ -120,3 +134,9 @@ def _merge(a, b) -> mx.array:
     m = mx.maximum(ma, mb)
     wa, wb = mx.exp(ma - m), mx.exp(mb - m)
     return (oa * wa + ob * wb) / (sa * wa + sb * wb)
+
+
+def cascade_function(plan, scale: float, opts: AttendOptions, *, compiled: bool):
+    """`cascade` with the plan's structure fixed (compiled once per batch composition)."""
+    fn = partial(cascade, scale=scale, opts=opts, has_rows=plan.has_rows, num_ungrouped=plan.num_ungrouped)
+    return mx.compile(fn) if compiled else fn

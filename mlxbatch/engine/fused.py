@@ -141,7 +141,7 @@ class DecodePlan:
     when the batch changes.
     """
 
-    def __init__(self, model: nn.Module, fused: list, opts: AttendOptions, *, bucketed: bool):
+    def __init__(self, model: nn.Module, fused: list, opts: AttendOptions, *, bucketed: bool, use_addmm: bool):
         first = model.model.layers[0]
         attn, eps = first.self_attn, first.input_layernorm.eps
         self.weights = [(layer.input_layernorm.weight, qkv.weight, layer.self_attn.o_proj.weight,
@@ -149,11 +149,11 @@ class DecodePlan:
                         for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
         self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
         self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope))
-        self.post = mx.compile(partial(_post, eps=eps, use_addmm=opts.use_addmm))
-        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts))
+        self.post = mx.compile(partial(_post, eps=eps, use_addmm=use_addmm))
+        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm))
 
     @classmethod
-    def build(cls, model: nn.Module, fused: list | None, opts: AttendOptions, *, bucketed: bool):
+    def build(cls, model: nn.Module, fused: list | None, opts: AttendOptions, *, bucketed: bool, use_addmm: bool):
         """For models whose projections are plain bias-free matrices with gate and up of equal
         width; None otherwise (quantized weights keep the general path)."""
         if fused is None:
@@ -163,7 +163,7 @@ class DecodePlan:
                     for m in (l.self_attn.o_proj, l.mlp.down_proj))
         plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
         plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
-        return cls(model, fused, opts, bucketed=bucketed) if plain else None
+        return cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm) if plain else None
 
     def run(self, h: mx.array, mask: mx.array, caches: list, groups) -> mx.array:
         # Attention joins the compiled call only where the cache keeps its shape for a whole
@@ -201,9 +201,9 @@ def _residual(h, x, w, use_addmm: bool):
     return mx.addmm(h, x, w.T) if use_addmm else h + x @ w.T
 
 
-def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale, opts):
+def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale, opts, use_addmm):
     o = attend(q, k, v, scale=scale, mask=mask, groups=None, opts=opts, layer=0)
-    return _post(h, o, wo, ln2, wgu, wd, eps=eps, use_addmm=opts.use_addmm)
+    return _post(h, o, wo, ln2, wgu, wd, eps=eps, use_addmm=use_addmm)
 
 
 def _heads(x: mx.array, B: int, L: int, n: int) -> mx.array:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .attention import cascade_function
+
 _GROW = 256  # columns added at a time to long rows, as mlx-lm's caches do
 # With `full_buffer`, attention runs over the whole buffer (unused columns masked), so its
 # shapes change once per bucket instead of every step: backends that build a kernel or plan
@@ -43,13 +45,22 @@ class SharedPrefix:
         return sum(k.nbytes + v.nbytes for k, v in self.kv)
 
 
-@dataclass(frozen=True)
 class GroupPlan:
     """Which rows attend to which shared prefix; rebuilt when the batch's rows change."""
 
-    parts: list  # (SharedPrefix, row index array, or None when the group is every row in order)
-    num_ungrouped: int
-    perm: mx.array | None  # batch row -> position in the concatenated parts (None: identity)
+    def __init__(self, prefixes: list, row_arrays: list, num_ungrouped: int, perm: mx.array | None):
+        self.prefixes = prefixes  # SharedPrefix per group
+        self.has_rows = tuple(r is not None for r in row_arrays)  # False: the group is every row, in order
+        self.rows = [r for r in row_arrays if r is not None]
+        self.num_ungrouped = num_ungrouped
+        self.perm = [] if perm is None else [perm]  # batch row -> position in the concatenated parts
+        self._functions: dict = {}
+
+    def function(self, scale: float, opts, *, compiled: bool):
+        key = (scale, opts, compiled)
+        if key not in self._functions:
+            self._functions[key] = cascade_function(self, scale, opts, compiled=compiled)
+        return self._functions[key]
 
     @classmethod
     def build(cls, groups: list, row_group: list[int]) -> "GroupPlan | None":
@@ -58,15 +69,16 @@ class GroupPlan:
             members.setdefault(g, []).append(row)
         if all(g < 0 for g in members):
             return None
-        order = [r for g in sorted(k for k in members if k >= 0) for r in members[g]] + members.get(-1, [])
         if len(members) == 1:
-            return cls([(groups[row_group[0]], None)], 0, None)
-        parts = [(groups[g], mx.array(members[g], dtype=mx.int32)) for g in sorted(k for k in members if k >= 0)]
+            return cls([groups[row_group[0]]], [None], 0, None)
+        used = sorted(k for k in members if k >= 0)
+        order = [r for g in used for r in members[g]] + members.get(-1, [])
         perm = [0] * len(order)
         for pos, row in enumerate(order):
             perm[row] = pos
         is_identity = order == list(range(len(order)))
-        return cls(parts, len(members.get(-1, [])), None if is_identity else mx.array(perm, dtype=mx.int32))
+        return cls([groups[g] for g in used], [mx.array(members[g], dtype=mx.int32) for g in used],
+                   len(members.get(-1, [])), None if is_identity else mx.array(perm, dtype=mx.int32))
 
 
 class Layout:

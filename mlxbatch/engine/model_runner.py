@@ -28,7 +28,8 @@ _FAST_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
 class ForwardOptions:
     full_buffer: bool = False  # attend over the bucketed buffer: shapes change per bucket, not per step
     one_query_matmul: bool = False  # see AttendOptions
-    use_addmm: bool = False  # residuals and masks added by the matmuls
+    use_addmm: bool = False  # residuals added by the matmuls (one kernel instead of two)
+    mask_addmm: bool = False  # see AttendOptions
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
@@ -48,7 +49,8 @@ class ForwardOptions:
 
     @property
     def attend(self) -> AttendOptions:
-        return AttendOptions(one_query_matmul=self.one_query_matmul, use_addmm=self.use_addmm)
+        return AttendOptions(one_query_matmul=self.one_query_matmul, mask_addmm=self.mask_addmm,
+                             compiled=self.full_buffer and self.compiled_decode)
 
 
 def device_backend() -> str:
@@ -66,7 +68,8 @@ class ModelRunner:
         self.options = options or ForwardOptions.for_backend(device_backend())
         self.is_fast_head = getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model")
         self.fused = fuse(model) if self.options.fused else None
-        self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer)
+        self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
+                                      use_addmm=self.options.use_addmm)
                      if self.options.compiled_decode else None)
         # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
         self.can_share_prefix = self.options.shared_prefix and self.fused is not None
