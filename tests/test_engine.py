@@ -179,7 +179,10 @@ def cascade_prompts(lm):
     return prompts, enc("Write one sentence about the sea and the sky.")
 
 
-@pytest.mark.parametrize("layout", ["cpu", "metal", "cuda"])
+LAYOUTS["cpu-group-loop"] = ForwardOptions.for_backend("cpu", max_blocked_scores=0)  # one matmul per group
+
+
+@pytest.mark.parametrize("layout", ["cpu", "metal", "cuda", "cpu-group-loop"])
 def test_shared_prefixes_equal_single_stream(tiny, layout):
     prompts, sampled = cascade_prompts(tiny)
     reqs = [Request(i, p, SamplingParams(max_tokens=6 + i % 7)) for i, p in enumerate(prompts)]

@@ -27,6 +27,9 @@ class AttendOptions:
     mask_addmm: bool = False  # mask added by the score matmul (one kernel, but CUDA's batched addmm
     # with a broadcast mask takes a pointer-array path; MLX's CPU addmm is slow)
     compiled: bool = False  # one-token cascade as one compiled call (where cache shapes are bucketed)
+    # Score elements when every row's query meets every stored prefix in one matmul (float32:
+    # 256 MB); above it, one matmul per group (more operations, no wasted columns).
+    max_blocked_scores: int = 1 << 26
 
 
 def additive(mask: mx.array, dtype) -> mx.array:
@@ -45,8 +48,35 @@ def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return _heads_last(o)
     # Dozens of small operations per layer: replayed from one compiled call where shapes hold.
-    fn = groups.function(scale, opts, compiled=opts.compiled and L == 1)
+    if L == 1 and B * H * groups.total_length <= opts.max_blocked_scores:
+        fn = groups.function(scale, opts, compiled=opts.compiled, blocked=True)
+        return fn(q, k, v, mask, groups.joined(layer), groups.block_mask)
+    fn = groups.function(scale, opts, compiled=opts.compiled and L == 1, blocked=False)
     return fn(q, k, v, mask, [p.kv[layer] for p in groups.prefixes], groups.rows, groups.perm)
+
+
+def blocked_cascade(q, k, v, mask, kv, block_mask, *, scale: float, opts: AttendOptions) -> mx.array:
+    """One query per row; every group's prefix in one matmul: the stored prefixes side by side
+    (`kv`), each row masked to its own group's columns (`block_mask`: [] when the one group is
+    every row, else [[1, B, 1, P]] additive). Reads each prefix once with a few operations,
+    whatever the number of groups; costs B x P scores."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G, D)
+    own = _part(qg, k, v, scale, mask if mask.dtype != mx.bool_ else additive(mask, q.dtype), opts)
+    pk, pv = kv
+    P = pk.shape[2]
+    stacked = qg.transpose(1, 0, 2, 3).reshape(1, Hkv, B * G, D)
+    s = ((stacked @ pk.swapaxes(-1, -2)).astype(mx.float32) * scale).reshape(Hkv, B, G, P)
+    if block_mask:
+        s = s + block_mask[0]
+    m = mx.max(s, axis=-1, keepdims=True)
+    p = mx.exp(s - mx.where(m == -mx.inf, 0, m))  # a row outside every group: all zeros
+    o = p.astype(pv.dtype).reshape(1, Hkv, B * G, P) @ pv
+    back = lambda x: x.reshape(Hkv, B, G, -1).transpose(1, 0, 2, 3)  # noqa: E731
+    shared = (back(o), back(m), back(mx.sum(p, axis=-1, keepdims=True)))
+    return _merge(own, shared).astype(q.dtype).reshape(B, 1, H * D)
 
 
 def cascade(q, k, v, mask, kvs, rows, perm, *, scale: float, opts: AttendOptions, has_rows: tuple,
@@ -136,7 +166,11 @@ def _merge(a, b) -> mx.array:
     return (oa * wa + ob * wb) / (sa * wa + sb * wb)
 
 
-def cascade_function(plan, scale: float, opts: AttendOptions, *, compiled: bool):
-    """`cascade` with the plan's structure fixed (compiled once per batch composition)."""
-    fn = partial(cascade, scale=scale, opts=opts, has_rows=plan.has_rows, num_ungrouped=plan.num_ungrouped)
+def cascade_function(plan, scale: float, opts: AttendOptions, *, compiled: bool, blocked: bool):
+    """`cascade` or `blocked_cascade` with the plan's structure fixed (compiled once per batch
+    composition)."""
+    if blocked:
+        fn = partial(blocked_cascade, scale=scale, opts=opts)
+    else:
+        fn = partial(cascade, scale=scale, opts=opts, has_rows=plan.has_rows, num_ungrouped=plan.num_ungrouped)
     return mx.compile(fn) if compiled else fn

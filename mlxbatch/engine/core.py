@@ -113,8 +113,9 @@ class Engine:
         st.active = self.num_active
         st.waiting = len(self.scheduler)
         caches = [c for c in (self._cache, self._filling and self._filling[1]) if c is not None]
+        # A prefix used by both the running batch and the unit being prefilled is held once.
         shared = {id(p): p.nbytes for c in caches for p in c.layout.groups}
-        st.kv_shared_bytes = sum(shared.values())
+        st.kv_shared_bytes = sum(shared.values()) + sum(c.layout.joined_bytes for c in caches)
         st.kv_bytes = sum(c.nbytes for c in caches) + st.kv_shared_bytes
         st.kv_peak_bytes = max(st.kv_peak_bytes, st.kv_bytes)
         st.prefix_cache_bytes = self.prefix_cache.nbytes

@@ -48,37 +48,62 @@ class SharedPrefix:
 class GroupPlan:
     """Which rows attend to which shared prefix; rebuilt when the batch's rows change."""
 
-    def __init__(self, prefixes: list, row_arrays: list, num_ungrouped: int, perm: mx.array | None):
-        self.prefixes = prefixes  # SharedPrefix per group
-        self.has_rows = tuple(r is not None for r in row_arrays)  # False: the group is every row, in order
-        self.rows = [r for r in row_arrays if r is not None]
-        self.num_ungrouped = num_ungrouped
-        self.perm = [] if perm is None else [perm]  # batch row -> position in the concatenated parts
-        self._functions: dict = {}
-
-    def function(self, scale: float, opts, *, compiled: bool):
-        key = (scale, opts, compiled)
-        if key not in self._functions:
-            self._functions[key] = cascade_function(self, scale, opts, compiled=compiled)
-        return self._functions[key]
-
-    @classmethod
-    def build(cls, groups: list, row_group: list[int]) -> "GroupPlan | None":
+    def __init__(self, prefixes: list, row_group: list[int], previous: "GroupPlan | None"):
+        self.prefixes = list(prefixes)  # SharedPrefix per group (a copy: the layout's list changes)
+        self.total_length = sum(p.length for p in prefixes)
         members: dict[int, list[int]] = {}
         for row, g in enumerate(row_group):
             members.setdefault(g, []).append(row)
-        if all(g < 0 for g in members):
-            return None
-        if len(members) == 1:
-            return cls([groups[row_group[0]]], [None], 0, None)
+        self.is_whole = len(members) == 1  # one group, every row
         used = sorted(k for k in members if k >= 0)
+        row_arrays = [None] if self.is_whole else [mx.array(members[g], dtype=mx.int32) for g in used]
+        self.has_rows = tuple(r is not None for r in row_arrays)  # False: the group is every row, in order
+        self.rows = [r for r in row_arrays if r is not None]
+        self.num_ungrouped = len(members.get(-1, []))
         order = [r for g in used for r in members[g]] + members.get(-1, [])
-        perm = [0] * len(order)
-        for pos, row in enumerate(order):
-            perm[row] = pos
-        is_identity = order == list(range(len(order)))
-        return cls([groups[g] for g in used], [mx.array(members[g], dtype=mx.int32) for g in used],
-                   len(members.get(-1, [])), None if is_identity else mx.array(perm, dtype=mx.int32))
+        self.perm = [] if order == list(range(len(order))) else [_inverse(order)]
+        self.block_mask = [] if self.is_whole else [self._block_mask(row_group)]
+        same = previous is not None and len(previous.prefixes) == len(prefixes) and all(
+            a is b for a, b in zip(previous.prefixes, prefixes))
+        self._joined: dict = previous._joined if same else {}  # per layer: the prefixes side by side
+        self._functions: dict = {}
+
+    def _block_mask(self, row_group: list[int]) -> mx.array:
+        """[1, B, 1, total_length] float32: 0 on the columns of each row's own group, -inf elsewhere."""
+        starts = [0]
+        for p in self.prefixes:
+            starts.append(starts[-1] + p.length)
+        lo = mx.array([starts[g] if g >= 0 else 0 for g in row_group])[:, None]
+        hi = mx.array([starts[g + 1] if g >= 0 else 0 for g in row_group])[:, None]
+        cols = mx.arange(self.total_length)[None]
+        inside = (cols >= lo) & (cols < hi)
+        return mx.where(inside, 0.0, -mx.inf).astype(mx.float32)[None, :, None, :]
+
+    def joined(self, layer: int) -> tuple:
+        """The layer's prefixes side by side ([1, Hkv, total_length, D]); one group: its own arrays."""
+        if len(self.prefixes) == 1:
+            return self.prefixes[0].kv[layer]
+        if layer not in self._joined:
+            parts = [p.kv[layer] for p in self.prefixes]
+            self._joined[layer] = tuple(mx.concatenate([x[i] for x in parts], axis=2) for i in (0, 1))
+        return self._joined[layer]
+
+    @property
+    def joined_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._joined.values())
+
+    def function(self, scale: float, opts, *, compiled: bool, blocked: bool):
+        key = (scale, opts, compiled, blocked)
+        if key not in self._functions:
+            self._functions[key] = cascade_function(self, scale, opts, compiled=compiled, blocked=blocked)
+        return self._functions[key]
+
+
+def _inverse(order: list[int]) -> mx.array:
+    perm = [0] * len(order)
+    for pos, row in enumerate(order):
+        perm[row] = pos
+    return mx.array(perm, dtype=mx.int32)
 
 
 class Layout:
@@ -92,11 +117,14 @@ class Layout:
         self.groups: list[SharedPrefix] = []
         self.row_group = [-1] * batch  # index into groups, -1: none
         self._plan: GroupPlan | None | bool = False  # False: not built yet
+        self._last_plan: GroupPlan | None = None  # its joined prefixes are reused while the groups stay
 
     @property
     def plan(self) -> GroupPlan | None:
         if self._plan is False:
-            self._plan = GroupPlan.build(self.groups, self.row_group)
+            has_group = any(g >= 0 for g in self.row_group)
+            self._plan = GroupPlan(self.groups, self.row_group, self._last_plan) if has_group else None
+            self._last_plan = self._plan or self._last_plan
         return self._plan
 
     def share(self, prefix: SharedPrefix) -> None:
@@ -122,8 +150,13 @@ class Layout:
         self._plan = False
 
     @property
+    def joined_bytes(self) -> int:
+        """The side-by-side copy of this batch's prefixes, while one exists."""
+        return self._last_plan.joined_bytes if self._last_plan is not None and self.groups else 0
+
+    @property
     def shared_bytes(self) -> int:
-        return sum(p.nbytes for p in self.groups)
+        return sum(p.nbytes for p in self.groups) + self.joined_bytes
 
     @property
     def batch(self) -> int:

@@ -34,6 +34,7 @@ class ForwardOptions:
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
     min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
+    max_blocked_scores: int = AttendOptions.max_blocked_scores  # see AttendOptions
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "ForwardOptions":
@@ -50,7 +51,8 @@ class ForwardOptions:
     @property
     def attend(self) -> AttendOptions:
         return AttendOptions(one_query_matmul=self.one_query_matmul, mask_addmm=self.mask_addmm,
-                             compiled=self.full_buffer and self.compiled_decode)
+                             compiled=self.full_buffer and self.compiled_decode,
+                             max_blocked_scores=self.max_blocked_scores)
 
 
 def device_backend() -> str:
