@@ -58,7 +58,7 @@ def test_batched_greedy_equals_single_stream_tiny(tiny, layout):
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
     # A small batch makes rows join mid-run as others finish (continuous batching).
-    done, eng = run_engine(tiny, reqs, max_batch=5, prefill_chunk=16, options=replace(LAYOUTS[layout], min_shared_tokens=8))
+    done, eng = run_engine(tiny, reqs, max_batch=5, prefill_chunk=16, options=replace(LAYOUTS[layout], min_shared_tokens=8, copy_below_weight_bytes=0))
     assert eng.stats.prefix_hit_tokens > 0, "the shared document should be reused"
     for r in reqs:
         assert done[r.key].tokens == single_stream(tiny, r.tokens, r.params.max_tokens), r.key
@@ -188,7 +188,7 @@ def test_shared_prefixes_equal_single_stream(tiny, layout):
     reqs = [Request(i, p, SamplingParams(max_tokens=6 + i % 7)) for i, p in enumerate(prompts)]
     reqs += [Request(("n", s), sampled, SamplingParams(max_tokens=8)) for s in range(4)]
     # A prefix cache that holds about one prefix: later units evict and recompute.
-    eng = Engine(tiny, max_batch=12, prefill_chunk=32, options=replace(LAYOUTS[layout], min_shared_tokens=8),
+    eng = Engine(tiny, max_batch=12, prefill_chunk=32, options=replace(LAYOUTS[layout], min_shared_tokens=8, copy_below_weight_bytes=0),
                  prefix_cache_gb=300e3 / 1e9)
     for r in reqs:
         eng.add(r)
@@ -226,3 +226,17 @@ def test_shared_prefix_is_stored_once(tiny):
         copied.step()
     assert copied.stats.kv_peak_bytes > 20 * peak  # what copying the prefix into every row costs
 
+
+
+@pytest.mark.parametrize("budget_gb, shares", [(None, False), (0.002, True)])
+def test_small_model_on_cuda_copies_prefixes_while_they_fit(tiny, budget_gb, shares):
+    prefix = tiny.tokenizer.encode("A shared header that many rows begin with. " * 60)[:300]
+    reqs = [Request(i, prefix + tiny.tokenizer.encode(f" Row {i}."), SamplingParams(max_tokens=2)) for i in range(8)]
+    eng = Engine(tiny, max_batch=8, max_kv_gb=budget_gb, options=ForwardOptions.for_backend("cuda"))
+    for r in reqs:
+        eng.add(r)
+    shared = 0
+    while eng.has_work:
+        eng.step()
+        shared = max(shared, eng.stats.kv_shared_bytes)
+    assert (shared > 0) == shares

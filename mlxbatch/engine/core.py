@@ -256,11 +256,22 @@ class Engine:
         if not p:
             return self.runner.new_cache(len(reqs))
         prefix = self._prefix(reqs[0].tokens[:p])
-        if self.runner.can_share_prefix and len(reqs) > 1 and p >= self.runner.options.min_shared_tokens:
+        if self._should_share(len(reqs), p):
             cache = self.runner.new_cache(len(reqs))
             cache.layout.share(prefix)
             return cache
         return BatchCache.from_prefix(prefix.kv, len(reqs), p, full_buffer=self.runner.options.full_buffer)
+
+    def _should_share(self, rows: int, p: int) -> bool:
+        opts = self.runner.options
+        if not (self.runner.can_share_prefix and rows > 1 and p >= opts.min_shared_tokens):
+            return False
+        if self.runner.weight_bytes >= opts.copy_below_weight_bytes:
+            return True
+        # A small model is bound by operations per step, and the cascade adds some: copies
+        # are faster while they fit the KV budget (and sharing is what makes them fit).
+        held = self._cache.nbytes + self._cache.layout.shared_bytes if self._cache is not None else 0
+        return held + self._bytes_per_token * p * rows > self.max_kv_bytes
 
     def _prefill_chunk(self) -> None:
         unit, cache, tokens, valid, start = self._filling
