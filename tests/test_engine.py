@@ -204,26 +204,28 @@ def test_shared_prefixes_equal_single_stream(tiny, layout):
         assert done[r.key].tokens == single_stream(tiny, r.tokens, r.params.max_tokens), r.key
 
 
+def run_tracking(lm, requests, counter: str, **kw):
+    """Run to the end; the engine and the highest value an EngineStats counter reached."""
+    eng, peak = Engine(lm, **kw), 0
+    for r in requests:
+        eng.add(r)
+    while eng.has_work:
+        eng.step()
+        peak = max(peak, getattr(eng.stats, counter))
+    return eng, peak
+
+
 def test_shared_prefix_is_stored_once(tiny):
     prefix = (tiny.tokenizer.encode("A long shared document about harbours and ships. " * 200))[:1000]
     reqs = [Request(i, prefix + tiny.tokenizer.encode(f" Question {i}?"), SamplingParams(max_tokens=8))
             for i in range(64)]
-    eng = Engine(tiny, max_batch=64, options=ForwardOptions.for_backend("cpu"))
-    for r in reqs:
-        eng.add(r)
-    peak = 0
-    while eng.has_work:
-        eng.step()
-        peak = max(peak, eng.stats.kv_bytes)
+    eng, peak = run_tracking(tiny, reqs, "kv_bytes", max_batch=64, options=ForwardOptions.for_backend("cpu"))
     per_token = eng.runner.kv_bytes_per_token()
     own = sum(len(r.tokens) - 1000 + 8 for r in reqs)  # each row's suffix and its generated tokens
     assert eng.stats.kv_peak_bytes == peak
     assert peak <= 1.5 * per_token * (1000 + own), (peak, per_token * (1000 + own))
-    copied = Engine(tiny, max_batch=64, options=ForwardOptions.for_backend("cpu", shared_prefix=False))
-    for r in reqs:
-        copied.add(r)
-    while copied.has_work:
-        copied.step()
+    copied, _ = run_tracking(tiny, reqs, "kv_bytes", max_batch=64,
+                             options=ForwardOptions.for_backend("cpu", shared_prefix=False))
     assert copied.stats.kv_peak_bytes > 20 * peak  # what copying the prefix into every row costs
 
 
@@ -232,11 +234,6 @@ def test_shared_prefix_is_stored_once(tiny):
 def test_small_model_on_cuda_copies_prefixes_while_they_fit(tiny, budget_gb, shares):
     prefix = tiny.tokenizer.encode("A shared header that many rows begin with. " * 60)[:300]
     reqs = [Request(i, prefix + tiny.tokenizer.encode(f" Row {i}."), SamplingParams(max_tokens=2)) for i in range(8)]
-    eng = Engine(tiny, max_batch=8, max_kv_gb=budget_gb, options=ForwardOptions.for_backend("cuda"))
-    for r in reqs:
-        eng.add(r)
-    shared = 0
-    while eng.has_work:
-        eng.step()
-        shared = max(shared, eng.stats.kv_shared_bytes)
+    _, shared = run_tracking(tiny, reqs, "kv_shared_bytes", max_batch=8, max_kv_gb=budget_gb,
+                             options=ForwardOptions.for_backend("cuda"))
     assert (shared > 0) == shares

@@ -17,6 +17,8 @@ from mlxbatch import gguf_arch, gguf_tokenizer, models
 from mlxbatch.cli import app
 from mlxbatch.errors import ModelError
 
+from gguf_names import gguf_name, permute
+
 VOCAB = 320
 _BASE = dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=VOCAB, max_position_embeddings=4096)
@@ -67,21 +69,6 @@ def _encode(x: np.ndarray, kind: Q, rng) -> tuple[np.ndarray, np.ndarray]:
     for off in _K_SCALES[kind]:
         blocks[:, off:off + 2] = np.full((len(blocks), 1), 4e-4, np.float16).view(np.uint8)
     return raw, gguf.quants.dequantize(raw, kind)
-
-
-def _gguf_name(hf: str, arch: gguf_arch.Arch) -> str:
-    inverse = {v: k for k, v in arch.layer_names.items()}
-    top = {v: k for k, v in gguf_arch.TOP_NAMES.items()}
-    base, _, suffix = hf.rpartition(".")
-    if base.startswith("model.layers."):
-        _, _, layer, rest = base.split(".", 3)
-        return f"blk.{layer}.{inverse[rest]}.{suffix}"
-    return f"{top[base]}.{suffix}"
-
-
-def _permute(x, n_head):  # llama.cpp's Q/K row order (the inverse of gguf_arch.unpermute)
-    rows = x.shape[0]
-    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
 def _tokenizer_meta(w: gguf.GGUFWriter, spm: bool) -> None:
@@ -153,10 +140,10 @@ def write_model(path, arch: str, kinds: list, *, seed: int = 0):
             raw, value = _encode(x, kind, rng)
         ref[hf] = value
         if spec.permute_qk and ".q_proj." in hf:
-            raw = _permute(raw, cfg["num_attention_heads"])
+            raw = permute(raw, cfg["num_attention_heads"])
         elif spec.permute_qk and ".k_proj." in hf:
-            raw = _permute(raw, cfg["num_key_value_heads"])
-        w.add_tensor(_gguf_name(hf, spec), raw, raw_dtype=kind if kind not in (None, Q.F32, Q.F16) else None)
+            raw = permute(raw, cfg["num_key_value_heads"])
+        w.add_tensor(gguf_name(hf, spec), raw, raw_dtype=kind if kind not in (None, Q.F32, Q.F16) else None)
     if "rope_scaling" in cfg:  # llama.cpp writes Llama 3's rope scaling as a factor table
         head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
         w.add_tensor("rope_freqs.weight", np.array(gguf_arch.llama3_factors(head_dim, cfg["rope_theta"], 8.0),

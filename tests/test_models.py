@@ -13,6 +13,8 @@ from mlxbatch import gguf, gguf_arch, models
 from mlxbatch.cli import app
 from mlxbatch.errors import ModelError
 
+from gguf_names import gguf_name, permute
+
 CORPUS = [
     "Hello, world! 12345 and 3.14159 or 2026-11-21.",
     "Unicode: café, naïve, 東京, Ελληνικά, русский, עברית.",
@@ -113,21 +115,6 @@ def test_models_cli_list_and_info():
     assert r.exit_code == 0 and "hidden_size: 128" in r.output
 
 
-def _to_gguf_name(name: str) -> str:
-    inverse = {v: k for k, v in gguf_arch.ARCHITECTURES["llama"].layer_names.items()}
-    top = {v: k for k, v in gguf_arch.TOP_NAMES.items()}
-    base, _, suffix = name.rpartition(".")
-    if base.startswith("model.layers."):
-        _, _, layer, rest = base.split(".", 3)
-        return f"blk.{layer}.{inverse[rest]}.{suffix}"
-    return f"{top[base]}.{suffix}"
-
-
-def _permute(x, n_head):  # llama.cpp's Q/K row order (the inverse of gguf_arch.unpermute)
-    rows = x.shape[0]
-    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
 def test_gguf_round_trip_float_tensors(tmp_path, tiny, dtype):
     """random:tiny written as a llama.cpp-style GGUF (F16/F32), imported back: same logits."""
@@ -137,10 +124,10 @@ def test_gguf_round_trip_float_tensors(tmp_path, tiny, dtype):
     tensors = {}
     for name, w in tree_flatten(tiny.model.parameters()):
         if ".q_proj." in name:
-            w = _permute(w, args.num_attention_heads)
+            w = permute(w, args.num_attention_heads)
         elif ".k_proj." in name:
-            w = _permute(w, args.num_key_value_heads)
-        tensors[_to_gguf_name(name)] = w.astype(dtype)
+            w = permute(w, args.num_key_value_heads)
+        tensors[gguf_name(name, gguf_arch.ARCHITECTURES["llama"])] = w.astype(dtype)
     tj = json.loads((models.random_tokenizer_dir() / "tokenizer.json").read_text())
     tc = json.loads((models.random_tokenizer_dir() / "tokenizer_config.json").read_text())
     vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
