@@ -35,6 +35,7 @@ VARIANTS = {
     "no-addmm": ForwardOptions.for_backend(_B, use_addmm=False),
     "mask-addmm": ForwardOptions.for_backend(_B, mask_addmm=True),  # the mask added by the score matmul
     "mlx-lm-layers": ForwardOptions.for_backend(_B, fused=False),  # the forward 1B/8B ran before
+    "exact": ForwardOptions.for_backend(_B, full_buffer=False),  # attend over used columns only
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
 if "--min-shared" in opt:  # e.g. --min-shared=32: share parallm's system prompt too
