@@ -88,6 +88,8 @@ def run(
     messages_field: Optional[str] = typer.Option(None, "--messages-field", help="input field holding chat messages (default: messages)"),
     output_format: Optional[str] = typer.Option(None, "--output-format", help="results|openai|chat|completions|text (default: openai for OpenAI Batch input, else results)"),
     keep_fields: Optional[str] = typer.Option(None, "--keep-fields", help="input fields to copy into records (a,b)"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="every output is JSON matching this schema file (rows' response_format wins)"),
+    regex: Optional[str] = typer.Option(None, "--regex", help="every output matches this regular expression"),
     parquet: Optional[bool] = typer.Option(None, "--parquet", help="also write results.parquet at the end"),
     ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="default: ignore for random: models"),
     restart: Optional[bool] = typer.Option(None, "--restart", help="delete this job's results and start over"),

@@ -32,6 +32,8 @@ def _table(s: JobStats) -> Table:
     t.add_row("prompt", f"{s.prompt_tps_now:,.0f} tok/s now, {s.prompt_tps_avg:,.0f} avg  "
               f"({e.prompt_computed:,} computed of {e.prompt_tokens:,}, {100 * s.padding_fraction:.0f}% padding)")
     t.add_row("batch", f"{e.active} in flight / {e.capacity} slots ({100 * s.occupancy:.0f}%), {e.waiting} waiting")
+    if s.constrained:
+        t.add_row("structured", _structured(s))
     t.add_row("prefix cache", f"{100 * s.prefix_hit_rate:.0f}% of prompt tokens reused ({e.prefix_hits} cache hits)")
     mem = s.memory()
     t.add_row("memory", f"MLX {mem['mlx_active_mb']:,.0f} MB (peak {mem['mlx_peak_mb']:,.0f}), RSS peak {mem['rss_peak_mb']:,.0f} MB")
@@ -42,10 +44,16 @@ def _table(s: JobStats) -> Table:
     return t
 
 
+def _structured(s: JobStats) -> str:
+    return (f"{s.constrained:,} constrained outputs, {s.constrained_truncated:,} cut off by max_tokens "
+            "before they closed (parsed: null)")
+
+
 def _plain_line(s: JobStats) -> str:
     return (f"[mlxbatch] {s.done}/{s.total_rows} rows, {s.errors} errors, {s.gen_tps_now:.0f} gen tok/s "
             f"({s.gen_tps_avg:.0f} avg), {s.prompt_tps_now:.0f} prompt tok/s, {s.engine.active} in flight, "
-            f"prefix reuse {100 * s.prefix_hit_rate:.0f}%, KV {s.engine.kv_bytes / 1e6:.0f} MB, ETA {fmt_duration(s.eta_seconds)}")
+            + (f"{s.constrained_truncated} of {s.constrained} constrained cut off, " if s.constrained else "")
+            + f"prefix reuse {100 * s.prefix_hit_rate:.0f}%, KV {s.engine.kv_bytes / 1e6:.0f} MB, ETA {fmt_duration(s.eta_seconds)}")
 
 
 class Dashboard:
@@ -103,4 +111,6 @@ class Dashboard:
                      ("prompt tokens computed / total", f"{e.prompt_computed:,} / {e.prompt_tokens:,}"),
                      ("prefix reuse", f"{100 * s.prefix_hit_rate:.0f}%"), ("output", s.output)]:
             t.add_row(k, v)
+        if s.constrained:
+            t.add_row("constrained cut off / total", f"{s.constrained_truncated:,} / {s.constrained:,}")
         self.console.print(t)

@@ -134,9 +134,11 @@ RULES: dict[str, Rule] = {
     "ignore_eos": Rule("bool", is_optional=True),
     "restart": Rule("bool"),
     "commit_seconds": Rule("number", 0, 3600),
+    "json_schema": Rule("path", is_optional=True),  # every row's output matches this JSON schema file
+    "regex": Rule("name", is_optional=True),  # every row's output matches this pattern
 }
 # The SamplingParams fields set by a key of the same name; `logprobs` is built from two keys.
-SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name != "logprobs")
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("logprobs", "constraint"))
 # Keys a row may set for itself (OpenAI's max_completion_tokens is an alias of max_tokens).
 ROW_KEYS = (*SAMPLING_KEYS, "logprobs", "top_logprobs", "n")
 
@@ -164,6 +166,9 @@ class JobSpec:
     ignore_eos: bool | None = None  # None: ignore for random: models (resolved by `validate`)
     restart: bool = field(default=False, metadata=_RUN_ONLY)
     commit_seconds: float = field(default=2.0, metadata=_RUN_ONLY)
+    # Where the job's constraint came from; what it says is sampling.constraint (a resume setting).
+    json_schema: Path | None = field(default=None, metadata=_RUN_ONLY)
+    regex: str | None = field(default=None, metadata=_RUN_ONLY)
 
     def validate(self) -> "JobSpec":
         """Checks that need several fields; returns the spec with automatic values resolved."""
@@ -171,9 +176,26 @@ class JobSpec:
             raise UsageError("no input file: give INPUT or set `input` in the job file")
         if self.output is not None and self.output.resolve() == self.input.resolve():
             raise UsageError(f"output {self.output} is the input file; choose another folder")
+        spec = self
         if self.ignore_eos is None:  # resolved here so a resume compares what runs, not what was typed
-            return replace(self, ignore_eos=self.model.startswith("random:"))
-        return self
+            spec = replace(spec, ignore_eos=self.model.startswith("random:"))
+        if (self.json_schema or self.regex) and self.sampling.constraint is None:
+            spec = replace(spec, sampling=replace(self.sampling, constraint=self._constraint()))
+        return spec
+
+    def _constraint(self):
+        """The job-wide constraint, checked now: a bad schema or regex stops before the model loads."""
+        from .grammar import GrammarError, grammar_of, load_schema_file, regex_constraint
+
+        if self.json_schema and self.regex:
+            raise UsageError("--json-schema and --regex are exclusive: give one")
+        name = f"--json-schema {self.json_schema}" if self.json_schema else f"--regex {self.regex!r}"
+        try:
+            c = load_schema_file(self.json_schema) if self.json_schema else regex_constraint(self.regex)
+            grammar_of(c)
+        except GrammarError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+        return c
 
     @property
     def output_dir(self) -> Path:
@@ -187,6 +209,8 @@ class JobSpec:
     def resume_settings(self) -> dict:
         """What a resume must match: every field that changes an output, sampling ones flattened."""
         out = dataclasses.asdict(self.sampling)
+        if out["constraint"] is None:
+            del out["constraint"]  # folders of jobs without one resume as before this setting existed
         for f in fields(self):
             if f.name != "sampling" and f.metadata.get("is_resume_setting", True):
                 out[f.name] = getattr(self, f.name)
@@ -229,7 +253,7 @@ def load_job_file(path: Path) -> dict:
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(RULES))}")
     data = check_values(data, lambda key: f"{path}: {key}")
-    for key in ("input", "output"):
+    for key in ("input", "output", "json_schema"):
         if data.get(key) is not None and not data[key].is_absolute():
             data[key] = (path.parent / data[key]).resolve()
     return data

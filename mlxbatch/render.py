@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from .deadline import TimeLimitExceeded, time_limit
 from .errors import RowError
+from .grammar import GrammarError, from_response_format, grammar_of
 from .job import ROW_KEYS, RULES, JobSpec, logprobs_setting
 from .types import Item, Row, SamplingParams
 
@@ -164,6 +165,8 @@ class Renderer:
         if "logprobs" in given or "top_logprobs" in given:
             is_on = given.pop("logprobs", base.logprobs is not None)
             given["logprobs"] = logprobs_setting(is_on, given.pop("top_logprobs", base.logprobs or 0))
+        if o.get("response_format") is not None:  # OpenAI's structured output; {"type": "text"} frees a row of the job's
+            given["constraint"] = _constraint(o["response_format"], line)
         n = given.pop("n", self.spec.n)
         return replace(base, **given), n
 
@@ -182,6 +185,17 @@ def _checked(key: str, value, line: int):
         return RULES[key].check(value)
     except ValueError as exc:
         raise RowError("invalid_field", f"line {line}: field {key!r} {exc}") from None
+
+
+def _constraint(rf, line: int):
+    """A row's response_format as a checked Constraint (None for free text)."""
+    try:
+        c = from_response_format(rf)
+        if c is not None:
+            grammar_of(c)  # cached per distinct schema: a job's thousand rows check it once
+        return c
+    except GrammarError as exc:
+        raise RowError("invalid_schema", f"line {line}: response_format: {exc}") from None
 
 
 def _text(v, line: int, name: str) -> str:

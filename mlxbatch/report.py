@@ -40,6 +40,9 @@ def job_status(folder: Path) -> str:
         f"{state.get('generated_tokens', 0) / secs if secs else 0:,.1f} gen tok/s overall",
         f"status:    {'complete' if complete else 'incomplete'}",
     ]
+    if state.get("constrained"):
+        lines.insert(-1, f"structured: {state['constrained']:,} constrained outputs, {state.get('constrained_truncated', 0):,} "
+                     "cut off by max_tokens before they closed (parsed: null)")
     if holder:
         lines.append(f"running:   pid {holder} holds this folder (a run is writing to it)")
     elif not complete:

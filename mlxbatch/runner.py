@@ -25,6 +25,7 @@ from . import models, source
 from .checkpoint import ERRORS, METRICS, RESULTS, Checkpoint, make_state, open_append, read_state
 from .engine import Engine, Request
 from .errors import InputFileError, Interrupted, MlxbatchError, RowError
+from .grammar import GrammarError, Grammars
 from .job import JobSpec
 from .ids import IdSet, written_id
 from .render import Item, Renderer, raw_id, request_params
@@ -100,6 +101,7 @@ class JobLoop:
         self.engine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
         self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
         self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer)
+        self.grammars = Grammars(lm.tokenizer)  # compiles each distinct constraint once, on first use
         self.window = max(4 * self.engine.max_batch, 256)
         self.rows = source.read_rows(spec.input)
         self.is_exhausted = False
@@ -149,9 +151,18 @@ class JobLoop:
         if isinstance(item, RowError):
             self._error(row, item)
             return
+        try:
+            guides = [self._guide(item) for _ in range(item.n)]
+        except GrammarError as exc:
+            self._error(row, RowError("invalid_schema", f"line {row.line}: {exc}"))
+            return
         self.inflight[row.index] = _InFlight(item, [None] * item.n, item.n)
         for s in range(item.n):
-            self.engine.add(Request((row.index, s), item.tokens, request_params(item, s)))
+            self.engine.add(Request((row.index, s), item.tokens, request_params(item, s), guides[s]))
+
+    def _guide(self, item: Item):
+        c = item.params.constraint
+        return None if c is None else self.grammars.guide(c)
 
     def _error(self, row: source.Row, err: RowError) -> None:
         rid = raw_id(row, self.spec.id_field)
@@ -168,6 +179,9 @@ class JobLoop:
         slot = self.inflight[index]
         slot.done[sample] = c
         slot.remaining -= 1
+        if slot.item.params.constraint is not None:
+            self.stats.constrained += 1
+            self.stats.constrained_truncated += c.finish_reason == "length"
         if slot.remaining == 0:
             del self.inflight[index]
             self.cp.add(index, RESULTS, self.maker.records(slot.item, slot.done))
@@ -191,6 +205,8 @@ class JobLoop:
             generated_tokens=prev.get("generated_tokens", 0) + s.engine.generated_tokens,
             prompt_tokens=prev.get("prompt_tokens", 0) + s.engine.prompt_tokens,
             seconds=round(prev.get("seconds", 0) + s.elapsed, 2),
+            constrained=prev.get("constrained", 0) + s.constrained,
+            constrained_truncated=prev.get("constrained_truncated", 0) + s.constrained_truncated,
             gen_tok_s_last_run=round(s.gen_tps_avg, 1), model=s.model, device=s.device)
         self.cp.commit(state)
 

@@ -32,6 +32,16 @@ def _short_hash(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
+def _parsed(c: Completion):
+    """A JSON-constrained output's value; None when it was cut off before the JSON closed."""
+    if c.finish_reason != "stop":
+        return None
+    try:
+        return orjson.loads(c.text)
+    except orjson.JSONDecodeError:  # a stop string cut it short
+        return None
+
+
 class RecordMaker:
     """Turns a finished item (all its samples) into the bytes of its output lines."""
 
@@ -54,6 +64,8 @@ class RecordMaker:
         if fmt == "results":
             rec = {"id": item.id, "output": c.text, "finish_reason": c.finish_reason,
                    "usage": _usage(c.prompt_tokens, c.completion_tokens)}
+            if item.params.constraint is not None and item.params.constraint.is_json:
+                rec["parsed"] = _parsed(c)
             if item.n > 1:
                 rec["sample"] = sample
             if c.logprobs is not None:
@@ -132,7 +144,7 @@ class RecordMaker:
 
 # ------------------------------------------------------------ kept fields
 GENERATED_FIELDS = {
-    "results": ("id", "output", "finish_reason", "usage", "sample", "logprobs"),
+    "results": ("id", "output", "finish_reason", "usage", "sample", "logprobs", "parsed"),
     "openai": ("id", "custom_id", "response", "error"),
     "chat": ("messages", "finish_reason", "sample"),
     "completions": ("prompt", "completion", "finish_reason", "sample"),

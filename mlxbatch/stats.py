@@ -31,6 +31,8 @@ class JobStats:
     errors: int = 0  # error records, all runs
     prompt_tokens: int = 0  # this run
     generated_tokens: int = 0  # this run
+    constrained: int = 0  # outputs with a schema or regex, this run
+    constrained_truncated: int = 0  # of which cut off by max_tokens before they closed (parsed: null)
     started: float = field(default_factory=time.monotonic)
     engine: EngineStats = field(default_factory=EngineStats)
     model: str = ""
@@ -111,7 +113,8 @@ class JobStats:
             "prompt_tokens": e.prompt_tokens, "prompt_computed": e.prompt_computed,
             "prompt_padding": e.prompt_padding, "prefix_hit_tokens": e.prefix_hit_tokens,
             "generated_tokens": e.generated_tokens, "kv_mb": round(e.kv_bytes / 1e6, 1),
-            "kv_shared_mb": round(e.kv_shared_bytes / 1e6, 1), **self.memory(),
+            "kv_shared_mb": round(e.kv_shared_bytes / 1e6, 1), "constrained": self.constrained,
+            "constrained_truncated": self.constrained_truncated, **self.memory(),
         }
 
 

@@ -29,6 +29,18 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What a row's output must match (structured output); grammar.py compiles it."""
+
+    kind: str  # "json" (a JSON schema) | "regex"
+    text: str  # the schema as canonical JSON text, or the pattern
+
+    @property
+    def is_json(self) -> bool:
+        return self.kind == "json"
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 0.0
@@ -38,6 +50,7 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; 0: chosen token; n: also the top n
+    constraint: Constraint | None = None  # None: free text
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ class Request:
     key: object
     tokens: list[int]
     params: SamplingParams
+    guide: object | None = None  # a grammar.Guide when the output is constrained (the engine masks with it)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ..types import Completion, EngineStats, Request
 from .kvcache import BatchCache, SharedPrefix
 from .model_runner import ForwardOptions, ModelRunner
 from .prefix_cache import PrefixCache
-from .sampling import RowParams, sample
+from .sampling import RowParams, allowed_tokens, sample
 from .scheduler import Scheduler, Unit, token_key
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -39,10 +39,14 @@ class _Row:
     generated: list = field(default_factory=list)
     logprobs: list | None = None
     is_alive: bool = True
+    has_stop: bool = field(init=False)  # stop strings or a grammar: `_hits_stop` runs after each token
+
+    def __post_init__(self):
+        self.has_stop = bool(self.request.params.stop) or self.guide is not None
 
     @property
-    def has_stop(self) -> bool:
-        return bool(self.request.params.stop)
+    def guide(self):
+        return self.request.guide
 
 
 def _default_kv_bytes() -> int:
@@ -76,6 +80,7 @@ class Engine:
         self._filling = None  # a unit mid-prefill: (unit, cache, tokens, valid, done_cols)
         self._wants_logprobs = False
         self._num_alive = 0
+        self._num_guided = 0  # live rows with a grammar (structured output)
 
     # ------------------------------------------------------------ public API
     def add(self, request: Request) -> None:
@@ -102,8 +107,12 @@ class Engine:
         if not self._rows:
             return []
         current = self._next
-        self._next = self._decode(current[0]) if self.num_active else None
-        done = self._absorb(current)
+        if self._num_guided:  # a grammar's next mask needs this step's tokens: read them first
+            done = self._absorb(current)
+            self._next = self._decode(current[0]) if self.num_active else None
+        else:
+            self._next = self._decode(current[0]) if self.num_active else None
+            done = self._absorb(current)
         self._count()
         return done
 
@@ -124,11 +133,17 @@ class Engine:
     def _decode(self, tokens: mx.array):
         self._cache.layout.begin(mx.ones((len(self._rows), 1), dtype=mx.bool_))
         logits = self.runner.forward_last(tokens[:, None], self._cache)
-        sampled, logprobs = sample(logits, self._params, with_logprobs=self._wants_logprobs)
+        allowed = self._allowed(self._rows, logits.shape[-1]) if self._num_guided else None
+        sampled, logprobs = sample(logits, self._params, with_logprobs=self._wants_logprobs, allowed=allowed)
         self._params.counter = self._params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.async_eval(sampled, *(extra or ()))
         return sampled, extra
+
+    def _allowed(self, rows: list, vocab: int) -> mx.array:
+        """bool [B, vocab]: what each live guided row's grammar allows next; every token for the others."""
+        guided = [(i, r.guide) for i, r in enumerate(rows) if r.guide is not None and r.is_alive]
+        return allowed_tokens(mx.array(guided[0][1].masks(guided, len(rows))), vocab)
 
     def _logprob_arrays(self, sampled: mx.array, logprobs: mx.array):
         # Fixed shapes once any request wants logprobs, so row sets always concatenate.
@@ -163,6 +178,7 @@ class Engine:
                     reason = "length"
             if reason:
                 row.is_alive = False
+                self._num_guided -= row.guide is not None
                 done.append(self._complete(row, reason))
         self.stats.generated_tokens += appended
         self._num_alive -= len(done)
@@ -174,6 +190,10 @@ class Engine:
         row.logprobs.append((token, lps[0][i], top))
 
     def _hits_stop(self, row: _Row) -> bool:
+        if row.guide is not None and row.guide.consume(row.generated[-1]):
+            return True  # the grammar is complete (a JSON value closed): nothing else may follow
+        if not row.request.params.stop:
+            return False
         longest = max(len(s) for s in row.request.params.stop)
         tail = self.lm.tokenizer.decode(row.generated[-(longest + 2):])
         return any(s in tail for s in row.request.params.stop)
@@ -292,10 +312,13 @@ class Engine:
         rows = [_Row(r, len(r.tokens), min(r.params.max_tokens, ctx - len(r.tokens)), shared,
                      logprobs=[] if r.params.logprobs is not None else None) for r in unit.requests]
         params = RowParams.build([r.params for r in unit.requests])
-        sampled, logprobs = sample(logits, params, with_logprobs=self._wants_logprobs)
+        num_guided = sum(r.guide is not None for r in unit.requests)
+        allowed = self._allowed(rows, logits.shape[-1]) if num_guided else None
+        sampled, logprobs = sample(logits, params, with_logprobs=self._wants_logprobs, allowed=allowed)
         params.counter = params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.eval(sampled, *cache.arrays(), *(extra or ()))
+        self._num_guided += num_guided
         self._compact(force=True)
         if not self._rows:
             self._cache, self._params, self._rows, self._next = cache, params, rows, (sampled, extra)

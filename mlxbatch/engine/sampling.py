@@ -91,17 +91,34 @@ def _filter(scaled: mx.array, p: RowParams) -> mx.array:
     return mx.where((p.min_p[:, None] > 0) & (scaled < floor), _NEG_INF, scaled)
 
 
-def sample(logits: mx.array, p: RowParams, *, with_logprobs: bool = False) -> tuple[mx.array, mx.array | None]:
+def allowed_tokens(words: mx.array, vocab: int) -> mx.array:
+    """A uint32 bitmask [B, W] (bit j of word w is token 32w + j) as bool [B, vocab]; tokens
+    past the mask's width are not allowed."""
+    bits = (words[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    flat = bits.reshape(words.shape[0], -1).astype(mx.bool_)
+    if flat.shape[1] < vocab:
+        flat = mx.concatenate([flat, mx.zeros((flat.shape[0], vocab - flat.shape[1]), dtype=mx.bool_)], axis=1)
+    return flat[:, :vocab]
+
+
+def _masked(logits: mx.array, allowed: mx.array | None) -> mx.array:
+    return logits if allowed is None else mx.where(allowed, logits, _NEG_INF)
+
+
+def sample(logits: mx.array, p: RowParams, *, with_logprobs: bool = False,
+           allowed: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
     """Next token per row, and the log-probabilities [B, vocab] when asked for.
 
     Normalising costs a pass over the vocabulary (more than the projection on a
     CPU with a small model), and argmax, Gumbel-max, top-k and min-p are all
-    shift-invariant, so it is skipped unless logprobs are wanted.
+    shift-invariant, so it is skipped unless logprobs are wanted. `allowed`
+    (bool [B, vocab], from grammars) limits what is drawn; logprobs stay the model's.
     """
     if not (p.is_sampled or with_logprobs):
-        return mx.argmax(logits, axis=-1), None  # widening to float32 is exact: same argmax, one op less
+        return mx.argmax(_masked(logits, allowed), axis=-1), None  # no float32 widening: same argmax, one op less
     logits = logits.astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True) if with_logprobs else None
+    logits = _masked(logits, allowed)
     greedy = mx.argmax(logits, axis=-1)
     if not p.is_sampled:
         return greedy, logprobs
