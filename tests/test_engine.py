@@ -165,18 +165,22 @@ def test_compiled_decode_plan_covers_plain_llama_weights():
 
 
 def cascade_prompts(lm):
-    """Three groups with different shared-prefix lengths, nested (a system header, then a
-    document), plus n=4 samples of one prompt and loners: 28 requests."""
+    """Groups with different shared-prefix lengths, nested (a system header, then document A,
+    document B or nothing), plus a prompt for n=4 samples. Document A has more rows than a batch
+    holds, and each of its questions starts with a different word, so every unit of them shares
+    exactly header + document A: its last rows come back for the same prefix after other units."""
     enc = lm.tokenizer.encode
     header = enc("System: you answer questions about the documents below, briefly and exactly. " * 2)
     doc_a = enc(" Document A tells of a lighthouse keeper who counted ships every night." * 3)
     doc_b = enc(" Document B is a recipe for bread with flour, water, salt and patience." * 5)
-    prompts = []
+    openers = ("Why", "How", "When", "Where", "Who", "What", "Which", "Is", "Are", "Does", "Did", "Can",
+               "Could", "Would", "Should", "Will")
+    about_a = [header + doc_a + enc(f" {w} did the keeper count ships, question {i}?") for i, w in enumerate(openers)]
+    prompts = about_a[:12]
     for i in range(8):
-        prompts.append(header + doc_a + enc(f" Question {i}: what did the keeper count?"))
         prompts.append(header + doc_b + enc(f" Question {i}: how much salt?" + " Explain." * (i % 3)))
         prompts.append(header + enc(f" Question {i} without a document, number {i * 7}."))
-    return prompts, enc("Write one sentence about the sea and the sky.")
+    return prompts + about_a[12:], enc("Write one sentence about the sea and the sky.")
 
 
 LAYOUTS["cpu-group-loop"] = ForwardOptions.for_backend("cpu", max_blocked_scores=0)  # one matmul per group
@@ -190,6 +194,8 @@ def test_shared_prefixes_equal_single_stream(tiny, layout):
     # A prefix cache that holds about one prefix: later units evict and recompute.
     eng = Engine(tiny, max_batch=12, prefill_chunk=32, options=replace(LAYOUTS[layout], min_shared_tokens=8, copy_below_weight_bytes=0),
                  prefix_cache_gb=300e3 / 1e9)
+    stored, put = [], eng.prefix_cache.put
+    eng.prefix_cache.put = lambda prefix: (stored.append(prefix.key), put(prefix))
     for r in reqs:
         eng.add(r)
     done, most_groups = {}, 0
@@ -198,8 +204,8 @@ def test_shared_prefixes_equal_single_stream(tiny, layout):
             done[c.key] = c
         if eng._cache is not None:
             most_groups = max(most_groups, len(eng._cache.layout.groups))
-    assert most_groups >= 2, "rows of different groups should decode in one batch"
-    assert eng.stats.prefix_lookups > len(eng.prefix_cache) + 1  # some prefixes were evicted and recomputed
+    assert most_groups >= 3, "rows of different groups should decode in one batch"
+    assert eng.prefix_cache.evictions > 0 and len(stored) > len(set(stored))  # a dropped prefix was recomputed
     for r in reqs:
         assert done[r.key].tokens == single_stream(tiny, r.tokens, r.params.max_tokens), r.key
 

@@ -17,6 +17,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._items: OrderedDict[bytes, SharedPrefix] = OrderedDict()
         self.nbytes = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -40,3 +41,4 @@ class PrefixCache:
         while self.nbytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
             self.nbytes -= old.nbytes
+            self.evictions += 1
