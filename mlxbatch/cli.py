@@ -32,9 +32,7 @@ def _install_exit_handlers() -> None:
         signal.signal(s, _exit_now)
 
 
-if os.path.basename(sys.argv[0]) == "mlxbatch":
-    _install_exit_handlers()  # the console script: before the slow imports below (no KeyboardInterrupt traceback)
-
+# The console script installs the same handlers in mlxbatch/__init__.py, before any slow import.
 import typer  # noqa: E402
 
 from .errors import EXIT_INTERRUPTED, MlxbatchError
