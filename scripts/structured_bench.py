@@ -14,7 +14,7 @@ from mlxbatch import grammar, models
 from mlxbatch.engine import Engine, Request, SamplingParams
 
 sys.path.insert(0, "tests")
-from test_structured import PEOPLE, SCHEMA  # noqa: E402
+from structured_data import PEOPLE, SCHEMA  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 opt = {a.split("=")[0]: a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--") and "=" in a}
