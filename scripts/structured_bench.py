@@ -62,7 +62,8 @@ def run(batch: int, share: float):
 
 
 print(f"{lm.name} {lm.dtype} {models.backend()} max_tokens={max_tokens}", flush=True)
-run(batches[0], 0.0)  # warm-up (compiles, allocations)
+for share in (0.0, 1.0):  # warm-up: kernel builds (per batch shape on GPUs), grammar compilation
+    run(batches[0], share)
 for b in batches:
     for share in (0.0, 1.0, 0.5):
         run(b, share)
