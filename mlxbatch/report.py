@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
 
 from . import source
 from .checkpoint import MANIFEST, journal_rows, lock_holder, read_manifest, read_state

@@ -236,7 +236,6 @@ def _schema(types: dict):
 
 
 def _write_groups(folder: Path, dest: Path, types: dict) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = _schema(types)

@@ -5,7 +5,6 @@ first commit (SIGINT, SIGTERM, SIGHUP), SIGINT right after start, and error
 exits (a file-size limit standing in for a full disk). MLXBATCH_LONG=1 runs more.
 """
 
-import os
 import random
 import resource
 import signal

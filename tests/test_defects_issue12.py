@@ -5,7 +5,6 @@ Defect 1 (exit hangs) is in test_defects_exit.py, defect 8 (memory) in test_defe
 
 import errno
 import os
-import signal
 import subprocess
 import sys
 import time
