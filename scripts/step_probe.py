@@ -17,7 +17,7 @@ import mlxbatch  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
 from mlxbatch import bench, models
-from mlxbatch.engine import Engine, Request, SamplingParams
+from mlxbatch.engine import Engine, Request, SamplingParams, kvcache
 from mlxbatch.engine.model_runner import ForwardOptions, device_backend
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -36,6 +36,9 @@ VARIANTS = {
     "mask-addmm": ForwardOptions.for_backend(_B, mask_addmm=True),  # the mask added by the score matmul
     "mlx-lm-layers": ForwardOptions.for_backend(_B, fused=False),  # the forward 1B/8B ran before
     "exact": ForwardOptions.for_backend(_B, full_buffer=False),  # attend over used columns only
+    "rope-apart": ForwardOptions.for_backend(_B, rope_apart=True),  # q dense: strided-batch score matmul
+    "rope-joint": ForwardOptions.for_backend(_B, rope_apart=False),
+    "bucket32": ForwardOptions.for_backend(_B),  # kvcache.COARSE_STEP = 32 while it runs
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
 if "--min-shared" in opt:  # e.g. --min-shared=32: share parallm's system prompt too
@@ -56,6 +59,7 @@ def timed(eng: Engine, name: str, acc: dict) -> None:
 
 
 def engine_run(label: str, phases: bool = False):
+    kvcache.COARSE_STEP = 32 if label == "bucket32" else 64
     eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label])
     acc: dict = {}
     if phases:

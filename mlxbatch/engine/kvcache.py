@@ -24,11 +24,14 @@ _GROW = 256  # columns added at a time to long rows, as mlx-lm's caches do
 # On the CPU there is no per-shape cost and masked columns are pure waste: exact shapes.
 
 
+COARSE_STEP = 64  # column step of `full_buffer` caches up to _GROW columns
+
+
 def capacity(columns: int, *, fine: bool = True) -> int:
     # Finer steps for short rows (rows that share a prefix hold only a short suffix each);
     # coarser where every new width costs a kernel plan and a trace (`full_buffer` backends).
-    small = 16 if fine else 64
-    step = small if columns <= 4 * small else 64 if columns <= _GROW else _GROW
+    small = 16 if fine else COARSE_STEP
+    step = small if columns <= 4 * small else COARSE_STEP if columns <= _GROW else _GROW
     return ((columns + step - 1) // step) * step
 
 

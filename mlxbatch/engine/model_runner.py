@@ -10,7 +10,8 @@ argument (tests do). Does not own: which rows run (core.py) or the cache layout.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import os
+from dataclasses import asdict, dataclass, fields, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +33,7 @@ class ForwardOptions:
     mask_addmm: bool = False  # see AttendOptions
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
+    rope_apart: bool = False  # RoPE on q and k in two calls: q dense for its score matmul
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
     min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
     copy_below_weight_bytes: int = 0  # smaller models copy prefixes while the copies fit the KV budget
@@ -59,6 +61,23 @@ class ForwardOptions:
                              max_blocked_scores=self.max_blocked_scores)
 
 
+def env_overrides() -> dict:
+    """Choices from MLXBATCH_FORWARD (e.g. "rope_apart=1,min_shared_tokens=32"), so a backend's
+    variants can be measured (or tuned on a machine nobody here has) without code changes."""
+    text = os.environ.get("MLXBATCH_FORWARD", "").strip()
+    if not text:
+        return {}
+    types = {f.name: type(f.default) for f in fields(ForwardOptions)}
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in types:
+            raise ValueError(f"MLXBATCH_FORWARD: unknown choice {name!r} (choices: {', '.join(types)})")
+        out[name] = value.strip().lower() in ("1", "true", "yes") if types[name] is bool else types[name](value)
+    return out
+
+
 def device_backend() -> str:
     """Which backend runs arrays by default: 'metal', 'cuda' or 'cpu'."""
     if mx.default_device() == mx.cpu:
@@ -71,11 +90,11 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, options: ForwardOptions | None = None):
         self.model = model
-        self.options = options or ForwardOptions.for_backend(device_backend())
+        self.options = options or ForwardOptions.for_backend(device_backend(), **env_overrides())
         self.is_fast_head = getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model")
         self.fused = fuse(model) if self.options.fused else None
         self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
-                                      use_addmm=self.options.use_addmm)
+                                      use_addmm=self.options.use_addmm, rope_apart=self.options.rope_apart)
                      if self.options.compiled_decode else None)
         # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
         self.can_share_prefix = self.options.shared_prefix and self.fused is not None
