@@ -36,8 +36,8 @@ VARIANTS = {
     "mask-addmm": ForwardOptions.for_backend(_B, mask_addmm=True),  # the mask added by the score matmul
     "mlx-lm-layers": ForwardOptions.for_backend(_B, fused=False),  # the forward 1B/8B ran before
     "exact": ForwardOptions.for_backend(_B, full_buffer=False),  # attend over used columns only
-    "rope-apart": ForwardOptions.for_backend(_B, rope_apart=True),  # q dense: strided-batch score matmul
-    "rope-joint": ForwardOptions.for_backend(_B, rope_apart=False),
+    "dense-q": ForwardOptions.for_backend(_B, dense_q=True),
+    "strided-q": ForwardOptions.for_backend(_B, dense_q=False),
     "bucket32": ForwardOptions.for_backend(_B),  # kvcache.COARSE_STEP = 32 while it runs
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")

@@ -142,7 +142,7 @@ class DecodePlan:
     """
 
     def __init__(self, model: nn.Module, fused: list, opts: AttendOptions, *, bucketed: bool, use_addmm: bool,
-                 rope_apart: bool = False):
+                 dense_q: bool = False):
         first = model.model.layers[0]
         attn, eps = first.self_attn, first.input_layernorm.eps
         self.weights = [(layer.input_layernorm.weight, qkv.weight, layer.self_attn.o_proj.weight,
@@ -150,13 +150,13 @@ class DecodePlan:
                         for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
         self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
         self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope,
-                                      rope_apart=rope_apart))
+                                      dense_q=dense_q))
         self.post = mx.compile(partial(_post, eps=eps, use_addmm=use_addmm))
         self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm))
 
     @classmethod
     def build(cls, model: nn.Module, fused: list | None, opts: AttendOptions, *, bucketed: bool, use_addmm: bool,
-              rope_apart: bool = False):
+              dense_q: bool = False):
         """For models whose projections are plain bias-free matrices with gate and up of equal
         width; None otherwise (quantized weights keep the general path)."""
         if fused is None:
@@ -166,7 +166,7 @@ class DecodePlan:
                     for m in (l.self_attn.o_proj, l.mlp.down_proj))
         plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
         plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
-        return cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm, rope_apart=rope_apart) if plain else None
+        return cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm, dense_q=dense_q) if plain else None
 
     def run(self, h: mx.array, mask: mx.array, caches: list, groups) -> mx.array:
         # Attention joins the compiled call only where the cache keeps its shape for a whole
@@ -183,18 +183,14 @@ class DecodePlan:
         return h
 
 
-def _pre(h, ln1, wqkv, offset, *, heads, eps, rope, rope_apart: bool):
+def _pre(h, ln1, wqkv, offset, *, heads, eps, rope, dense_q: bool):
     nq, nk = heads
     B = h.shape[0]
     y = mx.fast.rms_norm(h, ln1, eps) @ wqkv.T
-    q_cols = y.shape[-1] * nq // (nq + 2 * nk)
-    k_cols = q_cols + y.shape[-1] * nk // (nq + 2 * nk)
-    v = y[..., k_cols:].reshape(B, nk, 1, -1)
-    if rope_apart:  # q comes out dense, so its score matmul is one strided batch (no pointer array)
-        q = rope(y[..., :q_cols].reshape(B, nq, 1, -1), offset=offset)
-        return q, rope(y[..., q_cols:k_cols].reshape(B, nk, 1, -1), offset=offset), v
-    qk = rope(y[..., :k_cols].reshape(B, nq + nk, 1, -1), offset=offset)  # q and k heads in one call
-    return qk[:, :nq], qk[:, nq:], v
+    qk_cols = y.shape[-1] * (nq + nk) // (nq + 2 * nk)
+    qk = rope(y[..., :qk_cols].reshape(B, nq + nk, 1, -1), offset=offset)  # q and k heads in one call
+    q = mx.contiguous(qk[:, :nq]) if dense_q else qk[:, :nq]  # dense: one strided batch in the score matmul
+    return q, qk[:, nq:], y[..., qk_cols:].reshape(B, nk, 1, -1)
 
 
 def _post(h, o, wo, ln2, wgu, wd, *, eps, use_addmm):

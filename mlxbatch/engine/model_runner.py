@@ -33,7 +33,7 @@ class ForwardOptions:
     mask_addmm: bool = False  # see AttendOptions
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
-    rope_apart: bool = False  # RoPE on q and k in two calls: q dense for its score matmul
+    dense_q: bool = False  # q copied dense: its score matmul is one strided batch, not a pointer array
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
     min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
     copy_below_weight_bytes: int = 0  # smaller models copy prefixes while the copies fit the KV budget
@@ -62,7 +62,7 @@ class ForwardOptions:
 
 
 def env_overrides() -> dict:
-    """Choices from MLXBATCH_FORWARD (e.g. "rope_apart=1,min_shared_tokens=32"), so a backend's
+    """Choices from MLXBATCH_FORWARD (e.g. "dense_q=1,min_shared_tokens=32"), so a backend's
     variants can be measured (or tuned on a machine nobody here has) without code changes."""
     text = os.environ.get("MLXBATCH_FORWARD", "").strip()
     if not text:
@@ -94,7 +94,7 @@ class ModelRunner:
         self.is_fast_head = getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model")
         self.fused = fuse(model) if self.options.fused else None
         self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
-                                      use_addmm=self.options.use_addmm, rope_apart=self.options.rope_apart)
+                                      use_addmm=self.options.use_addmm, dense_q=self.options.dense_q)
                      if self.options.compiled_decode else None)
         # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
         self.can_share_prefix = self.options.shared_prefix and self.fused is not None
