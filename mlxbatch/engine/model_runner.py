@@ -48,9 +48,11 @@ class ForwardOptions:
         extra operations per layer cost more than re-reading a short prefix (H200, parallm-325's
         ~45 shared tokens: 16.0 vs 14.5 ms a step at 8B), so only long prefixes are shared, and
         a model under 1 GB (bound by operations per step) copies even those while the copies
-        fit the KV budget (SmolLM2-135M, shared-prefix: 10.4 vs 16.3 ms a step)."""
+        fit the KV budget (SmolLM2-135M, shared-prefix: 10.4 vs 16.3 ms a step). On CUDA q is
+        copied dense before its score matmul (H200 parallm-325: 1B 3.54-3.67 vs 3.71-3.82 ms a
+        step, 8B 14.14 vs 14.22-14.33)."""
         gpu, cuda = backend != "cpu", backend == "cuda"
-        return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda,
+        return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda, dense_q=cuda,
                            min_shared_tokens=256 if gpu else 32,
                            copy_below_weight_bytes=10**9 if cuda else 0), **overrides)
 
