@@ -24,6 +24,7 @@ from typing import List, Optional
 def _exit_now(signum, frame) -> None:
     """SIGINT/SIGTERM/SIGHUP outside the job loop (which stops cleanly on its own): leave at once."""
     os.write(2, b"\nmlxbatch: interrupted\n")
+    exits.run()  # a local Ray started for --workers goes down with us
     os._exit(130)
 
 
@@ -35,6 +36,7 @@ def _install_exit_handlers() -> None:
 # The console script installs the same handlers in mlxbatch/__init__.py, before any slow import.
 import typer  # noqa: E402
 
+from . import exits
 from .errors import EXIT_INTERRUPTED, MlxbatchError
 from .types import SamplingParams
 
@@ -91,6 +93,8 @@ def run(
     parquet: Optional[bool] = typer.Option(None, "--parquet", help="also write results.parquet at the end"),
     ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="default: ignore for random: models"),
     restart: Optional[bool] = typer.Option(None, "--restart", help="delete this job's results and start over"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="run on N Ray workers, 1-64, each loading the model once (default: in this process, no Ray)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster: auto or host:port (default: start a local one)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
 ) -> None:
     """Run (or resume) a job: one output record per input row."""
@@ -311,6 +315,7 @@ def main() -> None:
 
 def _leave(code: int) -> None:
     """Flush what we printed, then exit without running library destructors (all output is committed)."""
+    exits.run()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -16,6 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from .stats import JobStats, fmt_duration
+from .types import WorkerStatus
 
 _LIVE_HZ = 4.0
 _PLAIN_SECONDS = 5.0
@@ -41,7 +42,19 @@ def _table(s: JobStats) -> Table:
               f"stored once), peak {e.kv_peak_bytes / 1e6:,.0f} MB; prefix LRU {e.prefix_cache_bytes / 1e6:,.0f} MB")
     t.add_row("model", f"{s.model} on {s.device}  ->  {s.output}")
     t.add_row("", e.forward)
+    for w in s.workers:
+        t.add_row(w.name, _worker(w))
     return t
+
+
+def _worker(w: WorkerStatus) -> str:
+    where = f"pid {w.pid} on {w.host}" if w.pid else "not started yet"
+    restarts = f", {w.restarts} restart{'s' if w.restarts != 1 else ''}" if w.restarts else ""
+    return f"{w.state:<10} {w.done:,} done, {w.gen_tok_s:,.0f} gen tok/s  ({where}{restarts})"
+
+
+def _workers_line(s: JobStats) -> str:
+    return "[mlxbatch] workers: " + "; ".join(f"{w.name.removeprefix('worker ')} {_worker(w)}" for w in s.workers)
 
 
 def _structured(s: JobStats) -> str:
@@ -92,6 +105,8 @@ class Dashboard:
                 print(f"[mlxbatch] model {s.model} on {s.device} -> {s.output}", file=sys.stderr, flush=True)
                 print(f"[mlxbatch] {s.engine.forward}", file=sys.stderr, flush=True)
             print(_plain_line(s), file=sys.stderr, flush=True)
+            if s.workers:
+                print(_workers_line(s), file=sys.stderr, flush=True)
             self._last = now
 
     def stop(self) -> None:

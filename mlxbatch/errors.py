@@ -29,6 +29,10 @@ class ModelError(MlxbatchError):
     """A model cannot be found, downloaded, converted or loaded."""
 
 
+class WorkerError(MlxbatchError):
+    """The workers of a `--workers` job cannot run (cluster unreachable, every worker lost)."""
+
+
 class ResumeError(MlxbatchError):
     """The output folder belongs to a different job; resuming would mix results."""
 

@@ -21,6 +21,7 @@ OUTPUT_FORMATS = ("results", "openai", "chat", "completions", "text")
 MAX_N = 256
 MAX_TOKENS = 1_000_000
 MAX_TOP_LOGPROBS = 20
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ RULES: dict[str, Rule] = {
     "commit_seconds": Rule("number", 0, 3600),
     "json_schema": Rule("path", is_optional=True),  # every row's output matches this JSON schema file
     "regex": Rule("name", is_optional=True),  # every row's output matches this pattern
+    "workers": Rule("int", 1, MAX_WORKERS, is_optional=True),  # None: the in-process engine, no Ray
+    "ray_address": Rule("name", is_optional=True),  # None: a local Ray; "auto" or host:port: join one
 }
 # The SamplingParams fields set by a key of the same name; `logprobs` is built from two keys.
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("logprobs", "constraint"))
@@ -169,6 +172,9 @@ class JobSpec:
     # Where the job's constraint came from; what it says is sampling.constraint (a resume setting).
     json_schema: Path | None = field(default=None, metadata=_RUN_ONLY)
     regex: str | None = field(default=None, metadata=_RUN_ONLY)
+    # Ray workers: how the job runs, not what it writes (a resume may use another count).
+    workers: int | None = field(default=None, metadata=_RUN_ONLY)
+    ray_address: str | None = field(default=None, metadata=_RUN_ONLY)
 
     def validate(self) -> "JobSpec":
         """Checks that need several fields; returns the spec with automatic values resolved."""
@@ -176,6 +182,8 @@ class JobSpec:
             raise UsageError("no input file: give INPUT or set `input` in the job file")
         if self.output is not None and self.output.resolve() == self.input.resolve():
             raise UsageError(f"output {self.output} is the input file; choose another folder")
+        if self.ray_address is not None and self.workers is None:
+            raise UsageError(f"--ray-address {self.ray_address} needs --workers N (how many workers to start there)")
         spec = self
         if self.ignore_eos is None:  # resolved here so a resume compares what runs, not what was typed
             spec = replace(spec, ignore_eos=self.model.startswith("random:"))

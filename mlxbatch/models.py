@@ -86,7 +86,7 @@ class LoadedModel:
     """A model ready for the engine, with what a manifest needs to identify it."""
 
     name: str
-    model: nn.Module
+    model: nn.Module | None  # None when loaded without weights (the driver of a --workers job)
     tokenizer: object  # mlx_lm TokenizerWrapper
     dtype: str
     weights_hash: str
@@ -295,16 +295,18 @@ def _hf_download(repo: str) -> Path:
         raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub: {exc}") from exc
 
 
-def _load_random(preset: str) -> tuple[nn.Module, object, dict, str]:
+def _load_random(preset: str, *, weights: bool = True) -> tuple[nn.Module | None, object, dict, str]:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
     from mlx_lm.utils import _get_classes
 
     if preset not in RANDOM_PRESETS:
         raise ModelError(f"unknown random preset {preset!r} (presets: {', '.join(RANDOM_PRESETS)})")
     config = dict(RANDOM_PRESETS[preset])
-    model_cls, args_cls = _get_classes(config)
-    with _seeded(0):  # the same preset always has the same weights
-        model = model_cls(args_cls.from_dict(config))
+    model = None
+    if weights:
+        model_cls, args_cls = _get_classes(config)
+        with _seeded(0):  # the same preset always has the same weights
+            model = model_cls(args_cls.from_dict(config))
     tokenizer = load_tokenizer(random_tokenizer_dir())
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + b"seed0").hexdigest()
     return model, tokenizer, config, digest
@@ -322,29 +324,42 @@ def _seeded(seed: int):
 
 
 def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", ignore_eos: bool | None = None,
-         trust_remote_code: bool = False) -> LoadedModel:
-    """Load any `--model` spec with the weight dtype resolved for this backend."""
+         trust_remote_code: bool = False, weights: bool = True) -> LoadedModel:
+    """Load any `--model` spec with the weight dtype resolved for this backend.
+
+    `weights=False` loads what a driver of `--workers` needs (tokenizer, context length, EOS
+    ids, dtype, weights hash) and leaves `model` None: the workers hold the weights.
+    """
     if spec.startswith("random:"):
-        model, tokenizer, config, digest = _load_random(spec.split(":", 1)[1])
+        model, tokenizer, config, digest = _load_random(spec.split(":", 1)[1], weights=weights)
         path = None
     else:
-        from mlx_lm.utils import load as mlx_load
-
         path = local_path(spec, dtype=dtype)
         try:
-            model, tokenizer, config = mlx_load(str(path), return_config=True, trust_remote_code=trust_remote_code)
+            model, tokenizer, config = _load_folder(path, weights=weights, trust_remote_code=trust_remote_code)
         except ModelError:
             raise
         except Exception as exc:
             raise ModelError(f"could not load model {spec!r} from {path}: {exc}") from exc
         digest = _weights_hash(path)
     chosen = resolve_dtype(dtype)
-    apply_dtype(model, chosen)
+    if model is not None:
+        apply_dtype(model, chosen)
     # Random models ignore EOS by default so benchmarks make exactly max_tokens.
     skip_eos = spec.startswith("random:") if ignore_eos is None else ignore_eos
     eos = set() if skip_eos else set(tokenizer.eos_token_ids or ())
     ctx = int(config.get("max_position_embeddings") or 2048)
     return LoadedModel(spec, model, tokenizer, chosen, digest, path, eos, ctx)
+
+
+def _load_folder(path: Path, *, weights: bool, trust_remote_code: bool) -> tuple[nn.Module | None, object, dict]:
+    from mlx_lm.utils import load as mlx_load
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    if weights:
+        return mlx_load(str(path), return_config=True, trust_remote_code=trust_remote_code)
+    config = load_config(path)  # what mlx_lm's load reads, so EOS ids come out the same
+    return None, load_tokenizer(path, None, eos_token_ids=config.get("eos_token_id")), config
 
 
 def apply_dtype(model: nn.Module, dtype: str) -> None:

@@ -21,10 +21,10 @@ from typing import Callable
 import mlx.core as mx
 import orjson
 
-from . import models, source
+from . import exits, models, source
 from .checkpoint import ERRORS, METRICS, RESULTS, Checkpoint, make_state, open_append, read_state
 from .engine import Engine, Request
-from .errors import InputFileError, Interrupted, MlxbatchError, RowError
+from .errors import InputFileError, Interrupted, MlxbatchError, ModelError, RowError, WorkerError
 from .grammar import GrammarError, Grammars
 from .job import JobSpec
 from .ids import IdSet, written_id
@@ -56,6 +56,7 @@ class _StopFlag:
     def handle(self, signum, frame) -> None:
         if self.is_set:
             os.write(2, b"mlxbatch: interrupted again; leaving now (committed rows are safe)\n")
+            exits.run()
             os._exit(130)  # committed rows are already durable; the rest reruns
         self.is_set = True
 
@@ -109,6 +110,7 @@ class JobLoop:
         self.inflight: dict[int, _InFlight] = {}
         self.stop = _StopFlag()
         self.stats.engine = self.engine.stats
+        self.stats.workers = getattr(self.engine, "workers", [])  # a pool's worker statuses, kept current
         self._last_metrics = 0.0
         self._prev_state = read_state(cp.folder)  # counters of earlier runs, added to this run's
 
@@ -211,6 +213,18 @@ class JobLoop:
         self.cp.commit(state)
 
 
+def _workers_factory(spec: JobSpec, engine_factory):
+    """The pool of Ray workers, or the caller's own factory (tests pass a pool with a stand-in engine)."""
+    from .cluster import require_ray  # Ray is imported only for --workers
+
+    require_ray()
+    if engine_factory is not Engine:
+        return engine_factory
+    from .workers import pool_factory
+
+    return pool_factory(spec)
+
+
 def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None,
             resume_hint: str = "", lm: models.LoadedModel | None = None, engine_factory=Engine,
             on_loaded: Callable[[], None] | None = None) -> JobStats:
@@ -223,20 +237,31 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     source.kind_of(spec.input)
     _check_columns(spec)
     check_kept_fields(spec.output_format, spec.keep_fields)
-    lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos)
+    if spec.workers:
+        engine_factory = _workers_factory(spec, engine_factory)  # before loading: no Ray, no load
+    # With workers the driver loads no weights: they live on the workers' devices.
+    lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos, weights=not spec.workers)
     if on_loaded:
         on_loaded()
     cp = Checkpoint.open(spec.output_dir, build_manifest(spec, lm), restart=spec.restart)
+    device = f"{spec.workers} Ray workers, {lm.dtype}" if spec.workers else \
+        f"{models.backend()} {mx.default_device()} {lm.dtype}"
     stats = JobStats(total_rows=source.count_rows(spec.input), done_before=cp.num_done, errors=cp.num_errors,
-                     model=lm.name, device=f"{models.backend()} {mx.default_device()} {lm.dtype}",
-                     output=str(spec.output_dir))
-    loop = JobLoop(spec, lm, cp, stats, progress, engine_factory)
+                     model=lm.name, device=device, output=str(spec.output_dir))
+    try:
+        loop = JobLoop(spec, lm, cp, stats, progress, engine_factory)
+    except BaseException:
+        cp.close()
+        raise
     try:
         complete = loop.run()
         if complete:
             loop.commit(complete=True)
             if spec.parquet:
                 write_parquet(cp.folder)
+    except (WorkerError, ModelError):
+        loop.commit()  # workers lost, or a replacement loads another model: keep what finished
+        raise
     except MlxbatchError:
         raise
     except Exception:
@@ -244,6 +269,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
         raise
     finally:
         cp.close()
+        getattr(loop.engine, "close", lambda: None)()  # a pool stops its workers (and a local Ray)
     if not complete:
         raise Interrupted(f"stopped: {cp.num_done:,}/{stats.total_rows:,} rows committed in {cp.folder}.\n"
                           f"resume with: {resume_hint or 'the same command'}")

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .types import EngineStats
+from .types import EngineStats, WorkerStatus
 
 _WINDOW_SECONDS = 10.0
 
@@ -35,6 +35,7 @@ class JobStats:
     constrained_truncated: int = 0  # of which cut off by max_tokens before they closed (parsed: null)
     started: float = field(default_factory=time.monotonic)
     engine: EngineStats = field(default_factory=EngineStats)
+    workers: list[WorkerStatus] = field(default_factory=list)  # a --workers job's workers
     model: str = ""
     device: str = ""
     output: str = ""
@@ -115,7 +116,13 @@ class JobStats:
             "generated_tokens": e.generated_tokens, "kv_mb": round(e.kv_bytes / 1e6, 1),
             "kv_shared_mb": round(e.kv_shared_bytes / 1e6, 1), "constrained": self.constrained,
             "constrained_truncated": self.constrained_truncated, **self.memory(),
+            **({"workers": [_worker_snapshot(w) for w in self.workers]} if self.workers else {}),
         }
+
+
+def _worker_snapshot(w: WorkerStatus) -> dict:
+    return {"name": w.name, "state": w.state, "host": w.host, "pid": w.pid, "done": w.done,
+            "gen_tok_s": round(w.gen_tok_s, 1), "restarts": w.restarts}
 
 
 def fmt_duration(seconds: float | None) -> str:

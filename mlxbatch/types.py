@@ -115,3 +115,16 @@ class EngineStats:
     kv_peak_bytes: int = 0
     prefix_cache_bytes: int = 0  # computed prefixes kept for later units (may overlap kv_shared_bytes)
     forward: str = ""  # the model runner's backend choices, for the log
+
+
+@dataclass
+class WorkerStatus:
+    """One worker of a `--workers` job, as the dashboard shows it (workers.py keeps it current)."""
+
+    name: str
+    state: str = "starting"  # "starting" | "running" | "restarting" | "dead"
+    host: str = ""
+    pid: int = 0
+    done: int = 0  # completions this worker delivered (samples: rows when n is 1)
+    gen_tok_s: float = 0.0  # over the last few seconds
+    restarts: int = 0

@@ -1,0 +1,70 @@
+"""One worker of a `--workers` job: the body of a Ray actor (workers.py wraps it with `ray.remote`).
+
+Owns: loading the model once, building the engine (an import path, so tests can use a stand-in),
+building each constrained request's grammar guide here (guides do not pickle; constraints do),
+and stepping the engine in time-boxed calls: one round trip per call, not per step. Does not own:
+which rows come here (workers.py) or anything written to disk (the driver is the single writer).
+Imports no Ray: it runs and is tested as a plain object too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import socket
+import time
+
+from . import models
+from .types import Completion, EngineStats, Request
+
+DEFAULT_ENGINE = "mlxbatch.engine:Engine"
+
+
+def load_object(path: str):
+    """`package.module:Name`, or `/path/to/file.py:Name` for a module that is not installed."""
+    where, _, name = path.rpartition(":")
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)
+
+
+class Worker:
+    def __init__(self, model: str, *, dtype: str, ignore_eos: bool | None, max_batch: int | None,
+                 max_kv_gb: float | None, engine: str = DEFAULT_ENGINE):
+        self.args = dict(model=model, dtype=dtype, ignore_eos=ignore_eos)
+        self.engine_args = dict(max_batch=max_batch, max_kv_gb=max_kv_gb)
+        self.engine_path = engine
+        self.engine = None
+        self.grammars = None
+
+    def start(self) -> dict:
+        """Load the model and build the engine; what the driver checks and shows."""
+        lm = models.load(self.args["model"], dtype=self.args["dtype"], ignore_eos=self.args["ignore_eos"])
+        self.engine = load_object(self.engine_path)(lm, **self.engine_args)
+        self.tokenizer = lm.tokenizer
+        return {"pid": os.getpid(), "host": socket.gethostname(), "weights_sha256": lm.weights_hash,
+                "dtype": lm.dtype, "max_batch": self.engine.max_batch, "backend": models.backend()}
+
+    def work(self, requests: list[tuple], budget_s: float) -> tuple[list[Completion], EngineStats]:
+        """Add (key, tokens, params) requests, then step until `budget_s` has passed or nothing is left."""
+        for key, tokens, params in requests:
+            self.engine.add(Request(key, tokens, params, self._guide(params.constraint)))
+        done: list[Completion] = []
+        deadline = time.monotonic() + budget_s
+        while self.engine.has_work and time.monotonic() < deadline:
+            done.extend(self.engine.step())
+        return done, self.engine.stats
+
+    def _guide(self, constraint):
+        if constraint is None:
+            return None
+        if self.grammars is None:
+            from .grammar import Grammars
+
+            self.grammars = Grammars(self.tokenizer)  # compiles each distinct constraint once
+        return self.grammars.guide(constraint)
