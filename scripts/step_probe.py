@@ -1,6 +1,6 @@
 """Where a decode step's time goes on this device, and which forward variant is fastest.
 
-usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--workload=W] [--phases] [--kernels]
+usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--workload=W] [--phases] [--kernels] [--fresh-runner]
 Runs a bench workload's prompts (pre-tokenized; default parallm-325) through the
 Engine under each variant of the model runner's ForwardOptions (one-query
 attention as sdpa or matmuls, mlx-lm's layers or the fused/compiled ones,
@@ -60,6 +60,8 @@ def timed(eng: Engine, name: str, acc: dict) -> None:
 
 def engine_run(label: str, phases: bool = False):
     kvcache.COARSE_STEP = 32 if label == "bucket32" else 64
+    if "--fresh-runner" in sys.argv:  # as before engines reused the model's runner: fuse and trace again
+        vars(lm).pop("_runner", None)
     eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label])
     acc: dict = {}
     if phases:
