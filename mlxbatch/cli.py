@@ -169,13 +169,15 @@ def bench(
     dtype: str = typer.Option("auto", "--dtype"),
     peers: str = typer.Option("mlx-lm,hf", "--peers", help="comma list of peers to run: mlx-lm, hf"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="timed runs per MLX system; the median is reported"),
 ) -> None:
     """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
     from .bench import run_bench
 
     try:
         typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
-                             batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out))
+                             batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out,
+                             repeat=repeat))
     except MlxbatchError as err:
         _fail(err)
 
