@@ -2,14 +2,16 @@
 
 Owns: importing Ray (only here and in workers.py, only when `--workers` is used), the message
 when it is missing, starting a small quiet local instance or joining one by address, what each
-worker actor asks for (one GPU where the cluster has one per worker, else one CPU; spread over
-nodes), and shutting down on every exit path (exits.py). Does not own: the actors' work
-(worker.py) or routing rows to them (workers.py).
+worker actor asks for (a GPU each where the cluster has enough, an even share where it has fewer,
+else a CPU; spread over nodes), and ending a local instance on every exit path, signals and
+`os._exit` included (exits.py). Does not own: the actors' work (worker.py) or routing rows to
+them (workers.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -62,10 +64,11 @@ class Session:
                 signal.signal(s, h)
 
     def actor_options(self, num_workers: int) -> dict:
-        """One GPU per worker where the cluster has enough, else one CPU; spread over machines."""
+        """A GPU per worker where the cluster has enough (else an even share of them), else a CPU; spread over machines."""
         res = self.ray.cluster_resources()
-        if res.get("GPU", 0) >= num_workers:
-            return {"num_gpus": 1, "num_cpus": 0, "scheduling_strategy": "SPREAD"}
+        gpus = int(res.get("GPU", 0))
+        if gpus:  # Ray sets each actor's CUDA_VISIBLE_DEVICES: workers never pile onto GPU 0
+            return {"num_gpus": 1 / math.ceil(num_workers / gpus), "num_cpus": 0, "scheduling_strategy": "SPREAD"}
         if res.get("CPU", 0) < num_workers:
             raise WorkerError(f"the Ray cluster has {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs: "
                               f"not enough for {num_workers} workers (each needs a GPU or a CPU)")

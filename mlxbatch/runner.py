@@ -100,6 +100,8 @@ class JobLoop:
         self.spec, self.lm, self.cp, self.stats = spec, lm, cp, stats
         self.progress = progress or (lambda s: None)
         self.engine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
+        if getattr(self.engine, "workers", None):  # Ray's start and the workers' model loads are not job time,
+            self.stats.started = time.monotonic()  # as loading the model is not on one machine
         self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
         self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer)
         self.grammars = Grammars(lm.tokenizer)  # compiles each distinct constraint once, on first use

@@ -48,7 +48,8 @@ class Worker:
         self.engine = load_object(self.engine_path)(lm, **self.engine_args)
         self.tokenizer = lm.tokenizer
         return {"pid": os.getpid(), "host": socket.gethostname(), "weights_sha256": lm.weights_hash,
-                "dtype": lm.dtype, "max_batch": self.engine.max_batch, "backend": models.backend()}
+                "dtype": lm.dtype, "max_batch": self.engine.max_batch, "backend": models.backend(),
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}  # Ray's placement, where it gave GPUs
 
     def work(self, requests: list[tuple], budget_s: float) -> tuple[list[Completion], EngineStats]:
         """Add (key, tokens, params) requests, then step until `budget_s` has passed or nothing is left."""

@@ -198,7 +198,8 @@ class WorkerPool:
         slot.max_batch = info["max_batch"]
         st = slot.status
         st.state, st.host, st.pid = "running", info["host"], info["pid"]
-        _say(f"{st.name}: pid {st.pid} on {st.host} ({info['backend']}, {info['dtype']}, max batch {slot.max_batch})")
+        gpu = f", GPU {info['gpus']}" if info.get("gpus") else ""
+        _say(f"{st.name}: pid {st.pid} on {st.host} ({info['backend']}{gpu}, {info['dtype']}, max batch {slot.max_batch})")
 
     # ------------------------------------------------------------ calls in flight
     def _top_up(self, slot: _Slot) -> None:

@@ -355,3 +355,23 @@ def test_rows_sharing_a_prefix_go_to_one_worker_unless_it_is_a_batch_busier():
     assert router.route(doc + [4], {other: 0}) == other  # the owner is gone: re-owned
     assert router.route(doc + [5], {0: 0, 1: 0}) == other
     assert router.route([7] * (BLOCK_TOKENS - 1), {0: 3, 1: 1}) == 1  # shorter than a block: no key
+
+
+@pytest.mark.parametrize("resources,workers,expected", [
+    ({"CPU": 16, "GPU": 2}, 2, {"num_gpus": 1}),  # one GPU each (Ray sets CUDA_VISIBLE_DEVICES)
+    ({"CPU": 16, "GPU": 2}, 4, {"num_gpus": 0.5}),  # fewer GPUs than workers: an even share
+    ({"CPU": 16, "GPU": 2}, 3, {"num_gpus": 0.5}),
+    ({"CPU": 8}, 3, {"num_cpus": 1}),  # Macs: Ray sees no GPU
+])
+def test_each_worker_asks_for_a_gpu_or_a_share_or_a_cpu_spread_over_machines(resources, workers, expected):
+    from types import SimpleNamespace
+
+    from mlxbatch.cluster import Session
+
+    session = Session.__new__(Session)
+    session.ray = SimpleNamespace(cluster_resources=lambda: resources)
+    options = session.actor_options(workers)
+    assert options["scheduling_strategy"] == "SPREAD" and expected.items() <= options.items()
+    with pytest.raises(WorkerError, match="not enough for 9 workers"):
+        session.ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 8})
+        session.actor_options(9)
