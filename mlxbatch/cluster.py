@@ -40,9 +40,11 @@ class Session:
         self.is_local = address is None
         self.was_connected = self.ray.is_initialized()  # a caller's own session: used, never shut down
         self._before = set(descendants(os.getpid()))  # what a local Ray starts is what appears after this
+        self._roots: list[int] | None = None  # its node's processes (GCS, raylet, ...), once started
         self._hook = exits.register(self._kill_local)  # before init: a signal while Ray starts stops it too
         if not self.was_connected:
             self._init(address, num_workers)
+            self._roots = [p for p in _children(os.getpid()) if p not in self._before]
 
     def _init(self, address: str | None, num_workers: int) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local batch job reports nothing home
@@ -89,9 +91,12 @@ class Session:
         exits.unregister(self._hook)  # only now: a signal during shutdown still ends what it started
 
     def _local_processes(self) -> list[int]:
+        """The local node's processes and all below them (workers, agents); not what the caller starts later."""
         if self.was_connected or not self.is_local:
             return []
-        return [p for p in descendants(os.getpid()) if p not in self._before]
+        if self._roots is None:  # mid-init: whatever appeared below us since
+            return [p for p in descendants(os.getpid()) if p not in self._before]
+        return self._roots + [p for root in self._roots for p in descendants(root)]
 
     def _kill_local(self) -> None:
         """The exit path (a signal, os._exit): no Ray calls, just end every process a local Ray started."""
@@ -117,6 +122,10 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, parent in _parents().items() if parent == pid]
 
 
 def _parents() -> dict[int, int]:
