@@ -37,7 +37,7 @@ def _table(s: JobStats) -> Table:
         t.add_row("structured", _structured(s))
     t.add_row("prefix cache", f"{100 * s.prefix_hit_rate:.0f}% of prompt tokens reused ({e.prefix_hits} cache hits)")
     mem = s.memory()
-    t.add_row("memory", f"MLX {mem['mlx_active_mb']:,.0f} MB (peak {mem['mlx_peak_mb']:,.0f}), RSS peak {mem['rss_peak_mb']:,.0f} MB")
+    t.add_row("memory (driver)" if s.workers else "memory", f"MLX {mem['mlx_active_mb']:,.0f} MB (peak {mem['mlx_peak_mb']:,.0f}), RSS peak {mem['rss_peak_mb']:,.0f} MB")
     t.add_row("KV cache", f"{e.kv_bytes / 1e6:,.0f} MB held ({e.kv_shared_bytes / 1e6:,.0f} MB shared prefixes, "
               f"stored once), peak {e.kv_peak_bytes / 1e6:,.0f} MB; prefix LRU {e.prefix_cache_bytes / 1e6:,.0f} MB")
     t.add_row("model", f"{s.model} on {s.device}  ->  {s.output}")
@@ -48,7 +48,7 @@ def _table(s: JobStats) -> Table:
 
 
 def _worker(w: WorkerStatus) -> str:
-    where = f"pid {w.pid} on {w.host}" if w.pid else "not started yet"
+    where = f"pid {w.pid} on {w.host}" if w.pid else "no process yet"
     restarts = f", {w.restarts} restart{'s' if w.restarts != 1 else ''}" if w.restarts else ""
     return f"{w.state:<10} {w.done:,} done, {w.gen_tok_s:,.0f} gen tok/s  ({where}{restarts})"
 

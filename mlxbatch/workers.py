@@ -289,7 +289,7 @@ class WorkerPool:
         is_retried = not (slot.is_starting and isinstance(exc, self.ray.exceptions.RayTaskError))
         if is_retried and st.restarts < self.max_restarts:
             st.restarts += 1
-            st.state = "restarting"
+            st.state, st.pid = "restarting", 0
             _say(f"{st.name}: lost ({self._last_error}); {len(requests)} requests back in the queue; "
                  f"restarting ({st.restarts} of {self.max_restarts})")
             self._launch(slot)

@@ -129,6 +129,31 @@ def test_rows_on_one_document_run_on_one_worker_and_the_load_is_shared(tmp_path)
     assert len(shares) == 2 and shares[0] > 0.3  # and the load is still shared
 
 
+def test_constrained_rows_and_bad_rows_through_workers(tmp_path):
+    """Workers build grammar guides from the constraint; bad rows stay error records made by the driver."""
+    phone = "[0-9]{3}-[0-9]{4}"
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"id": f"r{i}", "prompt": f"Call me {i}"} for i in range(12)]
+                + [{"id": "no-prompt"}, {"id": "schema", "prompt": "x", "response_format": bad_schema}])
+    with open(src, "ab") as f:
+        f.write(b'{"id": "torn", "prompt": \n')
+    res = runner.invoke(app, ["run", str(src), "-o", str(tmp_path / "out"), "--model", "random:tiny", "-q",
+                              "--regex", phone, "--max-tokens", "30", "--temperature", "1.0", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "results.jsonl")}
+    assert len(out) == 12 and all(re.fullmatch(phone, r["output"]) for r in out.values())
+    errors = {r["id"]: r["error"]["code"] for r in read_jsonl(tmp_path / "out" / "errors.jsonl")}
+    assert errors == {"no-prompt": "missing_prompt", "schema": "invalid_schema", None: "invalid_json"}
+
+
+def test_no_ray_import_without_workers():
+    code = ("import sys, mlxbatch.cli, mlxbatch.runner, mlxbatch.job; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 # ------------------------------------------------------------ kill -9: a worker, the driver
 def _args(src, out, job, *extra):
     return [EXE, "run", str(src), "-o", str(out), "--model", "random:tiny", "--max-tokens", "24",
