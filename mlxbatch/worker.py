@@ -49,7 +49,8 @@ class Worker:
         self.tokenizer = lm.tokenizer
         return {"pid": os.getpid(), "host": socket.gethostname(), "weights_sha256": lm.weights_hash,
                 "dtype": lm.dtype, "max_batch": self.engine.max_batch, "backend": models.backend(),
-                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}  # Ray's placement, where it gave GPUs
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),  # Ray's placement, where it gave GPUs
+                "forward": self.engine.stats.forward}
 
     def work(self, requests: list[tuple], budget_s: float) -> tuple[list[Completion], EngineStats]:
         """Add (key, tokens, params) requests, then step until `budget_s` has passed or nothing is left."""

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import fields
 from functools import partial
 from itertools import groupby
+from pathlib import Path
 
 from .cluster import Session
 from .errors import ModelError, WorkerError
@@ -43,6 +44,12 @@ def pool_factory(spec, *, engine: str = DEFAULT_ENGINE):
     """An engine factory for JobLoop: builds a pool of `spec.workers` actors running `engine`."""
     return partial(WorkerPool, num_workers=spec.workers, address=spec.ray_address, dtype=spec.dtype,
                    ignore_eos=spec.ignore_eos, engine=engine)
+
+
+def worker_model(spec: str) -> str:
+    """The model as workers name it: a local path made absolute (an actor's working folder is not ours)."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if not spec.startswith("random:") and path.exists() else spec
 
 
 def _row_of(key):
@@ -125,6 +132,7 @@ class WorkerPool:
                 self._launch(s)
             self._wait_started()
             self.router = PrefixRouter(slack=min(s.max_batch for s in self.slots if s.is_running))
+            self._sum_stats()
         except BaseException:
             self.close()
             raise
@@ -173,7 +181,7 @@ class WorkerPool:
 
     # ------------------------------------------------------------ starting
     def _launch(self, slot: _Slot) -> None:
-        slot.actor = self._actor_cls.remote(self.lm.name, **self._worker_args)
+        slot.actor = self._actor_cls.remote(worker_model(self.lm.name), **self._worker_args)
         slot.calls = [slot.actor.start.remote()]
         slot.is_starting = True
 
@@ -196,6 +204,7 @@ class WorkerPool:
                 "every machine needs the same model files (and --dtype when backends differ)")
         slot.is_starting = False
         slot.max_batch = info["max_batch"]
+        slot.stats = EngineStats(capacity=slot.max_batch, forward=info["forward"])  # until its first results
         st = slot.status
         st.state, st.host, st.pid = "running", info["host"], info["pid"]
         gpu = f", GPU {info['gpus']}" if info.get("gpus") else ""
