@@ -58,7 +58,7 @@ def test_batched_greedy_equals_single_stream_tiny(tiny, layout):
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
     # A small batch makes rows join mid-run as others finish (continuous batching).
-    done, eng = run_engine(tiny, reqs, max_batch=5, prefill_chunk=16, options=replace(LAYOUTS[layout], min_shared_tokens=8, copy_below_weight_bytes=0))
+    done, eng = run_engine(tiny, reqs, max_batch=5, prefill_chunk=16, options=replace(LAYOUTS[layout], min_shared_tokens=8, small_model_bytes=0))
     assert eng.stats.prefix_hit_tokens > 0, "the shared document should be reused"
     for r in reqs:
         assert done[r.key].tokens == single_stream(tiny, r.tokens, r.params.max_tokens), r.key
@@ -192,7 +192,7 @@ def test_shared_prefixes_equal_single_stream(tiny, layout):
     reqs = [Request(i, p, SamplingParams(max_tokens=6 + i % 7)) for i, p in enumerate(prompts)]
     reqs += [Request(("n", s), sampled, SamplingParams(max_tokens=8)) for s in range(4)]
     # A prefix cache that holds about one prefix: later units evict and recompute.
-    eng = Engine(tiny, max_batch=12, prefill_chunk=32, options=replace(LAYOUTS[layout], min_shared_tokens=8, copy_below_weight_bytes=0),
+    eng = Engine(tiny, max_batch=12, prefill_chunk=32, options=replace(LAYOUTS[layout], min_shared_tokens=8, small_model_bytes=0),
                  prefix_cache_gb=300e3 / 1e9)
     stored, put = [], eng.prefix_cache.put
     eng.prefix_cache.put = lambda prefix: (stored.append(prefix.key), put(prefix))

@@ -297,7 +297,7 @@ class Engine:
         opts = self.runner.options
         if not (self.runner.can_share_prefix and rows > 1 and p >= opts.min_shared_tokens):
             return False
-        if self.runner.weight_bytes >= opts.copy_below_weight_bytes:
+        if not self.runner.is_small:
             return True
         # A small model is bound by operations per step, and the cascade adds some: copies
         # are faster while they fit the KV budget (and sharing is what makes them fit).
