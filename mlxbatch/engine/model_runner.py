@@ -37,7 +37,7 @@ class ForwardOptions:
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
     min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
     small_model_bytes: int = 0  # below it a model is bound by operations per step: it copies prefixes
-    # while the copies fit the KV budget, and q is not copied dense (an extra operation per layer)
+    # while the copies fit the KV budget
     max_blocked_scores: int = AttendOptions.max_blocked_scores  # see AttendOptions
 
     @classmethod
@@ -49,9 +49,9 @@ class ForwardOptions:
         extra operations per layer cost more than re-reading a short prefix (H200, parallm-325's
         ~45 shared tokens: 16.0 vs 14.5 ms a step at 8B), so only long prefixes are shared, and
         a model under 1 GB (bound by operations per step) copies even those while the copies
-        fit the KV budget (SmolLM2-135M, shared-prefix: 10.4 vs 16.3 ms a step). On CUDA a model
-        of 1 GB or more copies q dense before its score matmul (H200 parallm-325: 1B 3.54-3.67 vs
-        3.71-3.82 ms a step, 8B 14.14 vs 14.22-14.33; SmolLM2 5.55-5.84 vs 5.49-5.60: no gain)."""
+        fit the KV budget (SmolLM2-135M, shared-prefix: 10.4 vs 16.3 ms a step). On CUDA q is
+        copied dense before its score matmul (H200 parallm-325: 1B 3.54-3.67 vs 3.71-3.82 ms a
+        step, 8B 14.14 vs 14.22-14.33; SmolLM2 within its run-to-run noise either way)."""
         gpu, cuda = backend != "cpu", backend == "cuda"
         return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda, dense_q=cuda,
                            min_shared_tokens=256 if gpu else 32,
@@ -99,8 +99,7 @@ class ModelRunner:
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         self.is_small = self.weight_bytes < self.options.small_model_bytes
         self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
-                                      use_addmm=self.options.use_addmm,
-                                      dense_q=self.options.dense_q and not self.is_small)
+                                      use_addmm=self.options.use_addmm, dense_q=self.options.dense_q)
                      if self.options.compiled_decode else None)
         # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
         self.can_share_prefix = self.options.shared_prefix and self.fused is not None
@@ -108,7 +107,7 @@ class ModelRunner:
 
     def describe(self) -> str:
         """One line for the log: what runs and why."""
-        on = [k for k, v in asdict(self.options).items() if v is True and not (k == "dense_q" and self.is_small)]
+        on = [k for k, v in asdict(self.options).items() if v is True]
         on = [f"{k} (from {self.options.min_shared_tokens} tokens)" if k == "shared_prefix" else k for k in on]
         path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
         return f"forward: {path}; " + ", ".join(on)
