@@ -42,3 +42,18 @@ def read_jsonl(path: Path) -> list:
 def prompts_file(tmp_path):
     rows = [{"id": f"r{i}", "prompt": f"Tell me fact number {i} about " + "the ocean " * (i % 7)} for i in range(40)]
     return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if anything tries to load a model: errors must come first."""
+    from mlxbatch import models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the settings were checked")
+    monkeypatch.setattr(models, "load", refuse)
+
+
+@pytest.fixture
+def two_rows(tmp_path):
+    return write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello"}, {"id": "b", "prompt": "World"}])

@@ -26,19 +26,6 @@ def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if anything tries to load a model: errors must come first."""
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the settings were checked")
-    monkeypatch.setattr(models, "load", refuse)
-
-
-@pytest.fixture
-def two_rows(tmp_path):
-    return write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello"}, {"id": "b", "prompt": "World"}])
-
-
 # ------------------------------------------------------------ job-level values: exit 2, named, before loading
 @pytest.mark.parametrize("args,name", [
     (["--max-tokens", "2000000"], "--max-tokens"),

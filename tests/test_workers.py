@@ -21,7 +21,6 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT, read_jsonl, write_jsonl
-from mlxbatch import models
 from mlxbatch.checkpoint import read_state
 from mlxbatch.cli import app
 from mlxbatch.errors import UsageError, WorkerError
@@ -311,18 +310,6 @@ def test_driver_moves_over_5000_rows_a_second_with_a_stand_in_engine(tmp_path):
 
 
 # ------------------------------------------------------------ settings
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the settings were checked")
-    monkeypatch.setattr(models, "load", refuse)
-
-
-@pytest.fixture
-def two_rows(tmp_path):
-    return write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello"}, {"id": "b", "prompt": "World"}])
-
-
 @pytest.mark.parametrize("args,message", [
     (["--workers", "0"], "--workers must be an integer in [1, 64], got 0"),
     (["--workers", "65"], "--workers must be an integer in [1, 64], got 65"),
