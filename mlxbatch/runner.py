@@ -130,13 +130,8 @@ class JobLoop:
         return self.is_exhausted and not self.inflight and not self.stop.is_set
 
     def _feed(self) -> None:
-        """Top up the look-ahead window; rows are rendered and tokenized in batches. Once a full
-        batch waits, one render batch per step: the rest is rendered while the device works."""
-        did_batch = False
+        """Top up the look-ahead window; rows are rendered and tokenized in batches."""
         while not self.is_exhausted and self.engine.num_waiting < self.window and not self.stop.is_set:
-            if did_batch and self.engine.num_waiting >= self.engine.max_batch:
-                return
-            did_batch = True
             batch = []
             while len(batch) < _RENDER_BATCH:
                 row = next(self.rows, None)

@@ -28,7 +28,6 @@ from .worker import DEFAULT_ENGINE, Worker
 BUDGET_S = 0.3  # each call steps its engine this long: one round trip per worker per 0.3 s
 MAX_RESTARTS = 3  # per worker: a worker that keeps failing is given up
 _WAIT_S = 0.5  # step() returns at least this often, so the loop commits and redraws
-_FEED_WAIT_S = 0.01  # ... and this often while less than a batch is queued: the loop is rendering rows
 _RATE_WINDOW_S = 10.0
 _OUTSTANDING_BATCHES = 2  # requests kept at a worker: its next batch is there before it asks
 # A second call waits at the actor while the driver handles the first one's results, so the worker
@@ -170,7 +169,7 @@ class WorkerPool:
         """Send work where a worker has none on its way, then collect what came back."""
         for s in self.slots:
             self._top_up(s)
-        done = self._poll(_WAIT_S if self.num_waiting >= self.max_batch else _FEED_WAIT_S)
+        done = self._poll(_WAIT_S)
         self._sum_stats()
         return done
 
