@@ -93,6 +93,7 @@ class LoadedModel:
     path: Path | None = None
     eos_token_ids: set[int] = field(default_factory=set)
     context_length: int = 2048
+    runner: object = field(default=None, repr=False, compare=False)  # the engine's last ModelRunner for it
 
     @property
     def is_random(self) -> bool:

@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .types import EngineStats, WorkerStatus
 
@@ -121,8 +121,7 @@ class JobStats:
 
 
 def _worker_snapshot(w: WorkerStatus) -> dict:
-    return {"name": w.name, "state": w.state, "host": w.host, "pid": w.pid, "done": w.done,
-            "gen_tok_s": round(w.gen_tok_s, 1), "restarts": w.restarts}
+    return {**asdict(w), "gen_tok_s": round(w.gen_tok_s, 1)}
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -61,7 +61,7 @@ def timed(eng: Engine, name: str, acc: dict) -> None:
 def engine_run(label: str, phases: bool = False):
     kvcache.COARSE_STEP = 32 if label == "bucket32" else 64
     if "--fresh-runner" in sys.argv:  # as before engines reused the model's runner: fuse and trace again
-        vars(lm).pop("_runner", None)
+        lm.runner = None
     eng = Engine(lm, max_batch=len(prompts), options=VARIANTS[label])
     acc: dict = {}
     if phases:

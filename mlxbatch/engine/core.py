@@ -18,7 +18,7 @@ import mlx.core as mx
 from ..models import LoadedModel
 from ..types import Completion, EngineStats, Request
 from .kvcache import BatchCache, SharedPrefix
-from .model_runner import ForwardOptions, ModelRunner, device_backend, env_overrides
+from .model_runner import ForwardOptions, ModelRunner, default_options
 from .prefix_cache import PrefixCache
 from .sampling import RowParams, allowed_tokens, sample
 from .scheduler import Scheduler, Unit, token_key
@@ -53,11 +53,10 @@ def _runner(lm: LoadedModel, options: ForwardOptions | None) -> ModelRunner:
     """The model's last runner when the choices are the same: a later engine over the same model
     (bench's timed run, a library caller's next job) reuses its fused weights and compiled
     layers instead of fusing and tracing again. Only one is kept: each holds fused weights."""
-    options = options or ForwardOptions.for_backend(device_backend(), **env_overrides())
-    kept = vars(lm).get("_runner")
-    if kept is None or kept.options != options:
-        kept = vars(lm)["_runner"] = ModelRunner(lm.model, options)
-    return kept
+    options = options or default_options()
+    if lm.runner is None or lm.runner.options != options:
+        lm.runner = ModelRunner(lm.model, options)
+    return lm.runner
 
 
 def _default_kv_bytes() -> int:

@@ -81,6 +81,11 @@ def env_overrides() -> dict:
     return out
 
 
+def default_options() -> ForwardOptions:
+    """This backend's measured choices, with MLXBATCH_FORWARD's overrides."""
+    return ForwardOptions.for_backend(device_backend(), **env_overrides())
+
+
 def device_backend() -> str:
     """Which backend runs arrays by default: 'metal', 'cuda' or 'cpu'."""
     if mx.default_device() == mx.cpu:
@@ -93,7 +98,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, options: ForwardOptions | None = None):
         self.model = model
-        self.options = options or ForwardOptions.for_backend(device_backend(), **env_overrides())
+        self.options = options or default_options()
         self.is_fast_head = getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model")
         self.fused = fuse(model) if self.options.fused else None
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
