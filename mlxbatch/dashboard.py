@@ -43,18 +43,20 @@ def _table(s: JobStats) -> Table:
     t.add_row("model", f"{s.model} on {s.device}  ->  {s.output}")
     t.add_row("", e.forward)
     for w in s.workers:
-        t.add_row(w.name, _worker(w))
+        t.add_row(w.name, _worker(w, s.elapsed))
     return t
 
 
-def _worker(w: WorkerStatus) -> str:
+def _worker(w: WorkerStatus, elapsed: float) -> str:
     where = f"pid {w.pid} on {w.host}" if w.pid else "no process yet"
     restarts = f", {w.restarts} restart{'s' if w.restarts != 1 else ''}" if w.restarts else ""
-    return f"{w.state:<10} {w.done:,} done, {w.gen_tok_s:,.0f} gen tok/s  ({where}{restarts})"
+    busy = f", busy {min(w.busy_s / elapsed, 1):.0%}" if elapsed > 0 else ""  # below 100%: it waited on the driver
+    return f"{w.state:<10} {w.done:,} done, {w.gen_tok_s:,.0f} gen tok/s{busy}  ({where}{restarts})"
 
 
 def _workers_line(s: JobStats) -> str:
-    return "[mlxbatch] workers: " + "; ".join(f"{w.name.removeprefix('worker ')} {_worker(w)}" for w in s.workers)
+    return "[mlxbatch] workers: " + "; ".join(f"{w.name.removeprefix('worker ')} {_worker(w, s.elapsed)}"
+                                              for w in s.workers)
 
 
 def _structured(s: JobStats) -> str:

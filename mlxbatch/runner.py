@@ -14,6 +14,7 @@ import hashlib
 import os
 import signal
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +36,7 @@ from .stats import JobStats
 _COMMIT_ROWS = 512  # also commit once this many rows wait, however short the time since the last
 _METRICS_SECONDS = 10.0
 _RENDER_BATCH = 64  # rows tokenized per call (the tokenizer runs a batch in parallel)
+_WORKER_BATCH_GUESS = 512  # a GPU engine's batch: rows rendered ahead per worker while workers load
 
 
 @dataclass
@@ -99,18 +101,19 @@ class JobLoop:
                  progress: Callable[[JobStats], None] | None, engine_factory=Engine):
         self.spec, self.lm, self.cp, self.stats = spec, lm, cp, stats
         self.progress = progress or (lambda s: None)
-        self.engine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
-        if getattr(self.engine, "workers", None):  # Ray's start and the workers' model loads are not job time,
-            self.stats.started = time.monotonic()  # as loading the model is not on one machine
         self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
         self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer)
         self.grammars = Grammars(lm.tokenizer)  # compiles each distinct constraint once, on first use
-        self.window = max(4 * self.engine.max_batch, 256)
         self.rows = source.read_rows(spec.input)
         self.is_exhausted = False
         self.seen = IdSet()
+        self.ready: deque[tuple[source.Row, Item]] = deque()  # rendered, not yet given to the engine
         self.inflight: dict[int, _InFlight] = {}
         self.stop = _StopFlag()
+        self.engine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
+        if hasattr(self.engine, "wait_started"):
+            self._start_workers()
+        self.window = max(4 * self.engine.max_batch, 256)
         self.stats.engine = self.engine.stats
         self.stats.workers = getattr(self.engine, "workers", [])  # a pool's worker statuses, kept current
         self._last_metrics = 0.0
@@ -127,34 +130,58 @@ class JobLoop:
                     self._finish_sample(c)
                 self._tick()
         self.commit()
+        self._write_metrics()  # the run's last line: its totals (a worker's busy time among them)
         return self.is_exhausted and not self.inflight and not self.stop.is_set
 
+    def _start_workers(self) -> None:
+        """Render the first rows while the workers start and load the model, then start the job's clock:
+        Ray's start and the model loads are not job time, as loading the model is not on one machine."""
+        ahead = 4 * (self.spec.batch_size or _WORKER_BATCH_GUESS) * self.spec.workers
+        try:
+            self.engine.wait_started(lambda: self._render_ahead(ahead))
+        except BaseException:
+            self.engine.close()
+            raise
+        self.stats.started = time.monotonic()
+
     def _feed(self) -> None:
-        """Top up the look-ahead window; rows are rendered and tokenized in batches."""
-        while not self.is_exhausted and self.engine.num_waiting < self.window and not self.stop.is_set:
-            batch = []
-            while len(batch) < _RENDER_BATCH:
-                row = next(self.rows, None)
-                if row is None:
-                    self.is_exhausted = True
-                    break
-                if self._is_duplicate(row) and not self.cp.is_done(row.index):
-                    self._error(row, RowError("duplicate_id", f"line {row.line}: id "
-                                f"{raw_id(row, self.spec.id_field)!r} appeared earlier in the input"))
-                elif not self.cp.is_done(row.index):
-                    batch.append(row)
-            for row, rendered in zip(batch, self.renderer.render_many(batch)):
-                self._admit(row, rendered)
+        """Top up the look-ahead window with rendered rows."""
+        while self.engine.num_waiting < self.window and not self.stop.is_set:
+            if not self.ready:
+                if self.is_exhausted:
+                    return
+                self._render_ahead(1)
+                continue
+            self._admit(*self.ready.popleft())
+
+    def _render_ahead(self, limit: int) -> bool:
+        """Render and tokenize rows (a batch per call) until `limit` are ready; False once there is nothing to do."""
+        if self.is_exhausted or len(self.ready) >= limit:
+            return False
+        batch = []
+        while len(batch) < _RENDER_BATCH:
+            row = next(self.rows, None)
+            if row is None:
+                self.is_exhausted = True
+                break
+            if self._is_duplicate(row) and not self.cp.is_done(row.index):
+                self._error(row, RowError("duplicate_id", f"line {row.line}: id "
+                            f"{raw_id(row, self.spec.id_field)!r} appeared earlier in the input"))
+            elif not self.cp.is_done(row.index):
+                batch.append(row)
+        for row, rendered in zip(batch, self.renderer.render_many(batch)):
+            if isinstance(rendered, RowError):
+                self._error(row, rendered)
+            else:
+                self.ready.append((row, rendered))
+        return True
 
     def _is_duplicate(self, row: source.Row) -> bool:
         """Ids are compared as written: 77 and "77", or line 95's `line-95` and an explicit one, clash."""
         rid = written_id(row, self.spec.id_field)
         return rid is not None and not self.seen.add(rid)
 
-    def _admit(self, row: source.Row, item) -> None:
-        if isinstance(item, RowError):
-            self._error(row, item)
-            return
+    def _admit(self, row: source.Row, item: Item) -> None:
         try:
             guides = [self._guide(item) for _ in range(item.n)]
         except GrammarError as exc:
@@ -197,10 +224,13 @@ class JobLoop:
         if now - self.cp.last_commit >= self.spec.commit_seconds or self.cp.num_pending >= _COMMIT_ROWS:
             self.commit()
         if now - self._last_metrics >= _METRICS_SECONDS:
-            self._last_metrics = now
-            with open_append(self.cp.folder / METRICS) as f:  # best effort, not fsynced
-                f.write(orjson.dumps(self.stats.snapshot(), option=orjson.OPT_APPEND_NEWLINE))
+            self._write_metrics()
         self.progress(self.stats)
+
+    def _write_metrics(self) -> None:
+        self._last_metrics = time.monotonic()
+        with open_append(self.cp.folder / METRICS) as f:  # best effort, not fsynced
+            f.write(orjson.dumps(self.stats.snapshot(), option=orjson.OPT_APPEND_NEWLINE))
 
     def commit(self, *, complete: bool = False) -> None:
         prev, s = self._prev_state, self.stats

@@ -121,7 +121,7 @@ class JobStats:
 
 
 def _worker_snapshot(w: WorkerStatus) -> dict:
-    return {**asdict(w), "gen_tok_s": round(w.gen_tok_s, 1)}
+    return {**asdict(w), "gen_tok_s": round(w.gen_tok_s, 1), "busy_s": round(w.busy_s, 2)}
 
 
 def fmt_duration(seconds: float | None) -> str:

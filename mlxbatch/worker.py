@@ -52,15 +52,17 @@ class Worker:
                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),  # Ray's placement, where it gave GPUs
                 "forward": self.engine.stats.forward}
 
-    def work(self, requests: list[tuple], budget_s: float) -> tuple[list[Completion], EngineStats]:
-        """Add (key, tokens, params) requests, then step until `budget_s` has passed or nothing is left."""
+    def work(self, requests: list[tuple], budget_s: float) -> tuple[list[Completion], EngineStats, float]:
+        """Add (key, tokens, params) requests, then step until `budget_s` has passed or nothing is left;
+        returns what finished, the engine's counters and the seconds this call spent."""
+        started = time.monotonic()
         for key, tokens, params in requests:
             self.engine.add(Request(key, tokens, params, self._guide(params.constraint)))
         done: list[Completion] = []
-        deadline = time.monotonic() + budget_s
+        deadline = started + budget_s
         while self.engine.has_work and time.monotonic() < deadline:
             done.extend(self.engine.step())
-        return done, self.engine.stats
+        return done, self.engine.stats, time.monotonic() - started
 
     def _guide(self, constraint):
         if constraint is None:

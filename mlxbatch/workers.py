@@ -43,7 +43,7 @@ _CUMULATIVE = tuple(f.name for f in fields(EngineStats) if f.type in ("int", int
 def pool_factory(spec, *, engine: str = DEFAULT_ENGINE):
     """An engine factory for JobLoop: builds a pool of `spec.workers` actors running `engine`."""
     return partial(WorkerPool, num_workers=spec.workers, address=spec.ray_address, dtype=spec.dtype,
-                   ignore_eos=spec.ignore_eos, engine=engine)
+                   ignore_eos=spec.ignore_eos, engine=engine, defer_start=True)  # JobLoop renders meanwhile
 
 
 def worker_model(spec: str) -> str:
@@ -113,7 +113,7 @@ class WorkerPool:
 
     def __init__(self, lm, *, max_batch: int | None = None, max_kv_gb: float | None = None, num_workers: int,
                  address: str | None = None, dtype: str = "auto", ignore_eos: bool | None = None,
-                 engine: str = DEFAULT_ENGINE, max_restarts: int = MAX_RESTARTS):
+                 engine: str = DEFAULT_ENGINE, max_restarts: int = MAX_RESTARTS, defer_start: bool = False):
         self.lm, self.max_restarts = lm, max_restarts
         self.session = Session(address, num_workers=num_workers)
         self.ray = self.session.ray
@@ -128,11 +128,11 @@ class WorkerPool:
             self._retired = EngineStats()
             self._last_row = None  # (row, slot) of the last request added: its other samples follow it
             self._last_error = ""
+            self.router = None  # built once the workers say their batch size
             for s in self.slots:
                 self._launch(s)
-            self._wait_started()
-            self.router = PrefixRouter(slack=min(s.max_batch for s in self.slots if s.is_running))
-            self._sum_stats()
+            if not defer_start:
+                self.wait_started()
         except BaseException:
             self.close()
             raise
@@ -185,16 +185,21 @@ class WorkerPool:
         slot.calls = [slot.actor.start.remote()]
         slot.is_starting = True
 
-    def _wait_started(self) -> None:
-        """Every worker up (or given up); lines name each one's pid and host."""
-        since = time.monotonic()
+    def wait_started(self, while_waiting=lambda: False) -> None:
+        """Every worker up (or given up); lines name each one's pid and host. `while_waiting()` runs
+        between looks (the driver renders rows meanwhile) until it returns False."""
+        since, is_busy = time.monotonic(), True
         while any(s.is_starting for s in self.slots):
-            self._poll(_WAIT_S)
+            is_busy = is_busy and while_waiting()
+            self._poll(0 if is_busy else _WAIT_S)
             if time.monotonic() - since > 30:
                 since = time.monotonic()
                 _say(f"waiting for {sum(s.is_starting for s in self.slots)} worker(s) to load {self.lm.name}")
         if not any(s.is_running for s in self.slots):
             raise WorkerError(f"no worker could start ({self._last_error})")
+        if self.router is None:
+            self.router = PrefixRouter(slack=min(s.max_batch for s in self.slots if s.is_running))
+            self._sum_stats()
 
     def _started(self, slot: _Slot, info: dict) -> None:
         if (info["weights_sha256"], info["dtype"]) != (self.lm.weights_hash, self.lm.dtype):
@@ -270,11 +275,13 @@ class WorkerPool:
             self._top_up(slot)  # the next call goes out at once
         return done
 
-    def _received(self, slot: _Slot, completions: list[Completion], stats: EngineStats) -> list[Completion]:
+    def _received(self, slot: _Slot, completions: list[Completion], stats: EngineStats,
+                  busy_s: float) -> list[Completion]:
         # Only keys this worker holds are delivered: nothing arrives twice, nothing from a replaced actor.
         out = [c for c in completions if slot.inflight.pop(c.key, None) is not None]
         slot.stats = stats
         slot.status.done += len(out)
+        slot.status.busy_s += busy_s
         now = time.monotonic()
         slot.rates.append((now, stats.generated_tokens))
         while len(slot.rates) > 2 and now - slot.rates[0][0] > _RATE_WINDOW_S:

@@ -6,7 +6,8 @@ quick CPU check: python scripts/workers_bench.py --model random:tiny --copies 1 
 
 Each run starts fresh (new output folder, new local Ray) and is timed end to end: Ray's start, every
 worker loading the model, the job, the shutdown. Its job clock (checkpoint.json's seconds: from the
-workers being up to the last commit) is shown too. Generated tokens are read from results.jsonl.
+workers being up to the last commit) is shown too, and each worker's busy seconds (its calls adding
+and stepping rows; the rest of the job clock it waited on the driver). Generated tokens are read from results.jsonl.
 Prints one line per worker count and the ratios last; writes $OUT/workers_bench.json when OUT is set.
 """
 from __future__ import annotations
@@ -54,9 +55,11 @@ def summarize(out: Path, workers: int, seconds: float) -> dict:
     records = [orjson.loads(line) for line in (out / "results.jsonl").read_bytes().splitlines()]
     tokens = sum(r["usage"]["completion_tokens"] for r in records)
     job_s = read_state(out)["seconds"]  # the job's clock: from the workers being up to the last commit
+    last = orjson.loads((out / "metrics.jsonl").read_bytes().splitlines()[-1])  # the run's totals
     return {"workers": workers, "rows": len(records), "generated_tokens": tokens,
             "seconds": round(seconds, 2), "rows_s": round(len(records) / seconds, 1), "tok_s": round(tokens / seconds, 1),
-            "job_seconds": job_s, "job_rows_s": round(len(records) / job_s, 1), "job_tok_s": round(tokens / job_s, 1)}
+            "job_seconds": job_s, "job_rows_s": round(len(records) / job_s, 1), "job_tok_s": round(tokens / job_s, 1),
+            "busy_s": [w["busy_s"] for w in last["workers"]], "done": [w["done"] for w in last["workers"]]}
 
 
 def main() -> None:
@@ -74,10 +77,12 @@ def main() -> None:
     num_rows = write_rows(src, args.copies, args.rows)
     print(f"{num_rows:,} rows (parallm-325 x {args.copies}), {args.model}, max_tokens {args.max_tokens}; in {work}")
     runs = [run_once(src, work / f"w{n}", int(n), args) for n in args.workers.split(",")]
-    print(f"{'workers':>7} | end to end: {'s':>6} {'rows/s':>8} {'tok/s':>9} | job clock: {'s':>6} {'rows/s':>8} {'tok/s':>9}")
+    print(f"{'workers':>7} | end to end: {'s':>6} {'rows/s':>8} {'tok/s':>9} | job clock: {'s':>6} {'rows/s':>8} "
+          f"{'tok/s':>9} | each worker's busy s (rows)")
     for r in runs:
+        busy = ", ".join(f"{b:.2f} ({d})" for b, d in zip(r["busy_s"], r["done"]))
         print(f"{r['workers']:>7} | {'':>11} {r['seconds']:>6.1f} {r['rows_s']:>8.1f} {r['tok_s']:>9.0f} | "
-              f"{'':>10} {r['job_seconds']:>6.1f} {r['job_rows_s']:>8.1f} {r['job_tok_s']:>9.0f}")
+              f"{'':>10} {r['job_seconds']:>6.2f} {r['job_rows_s']:>8.1f} {r['job_tok_s']:>9.0f} | {busy}")
     result = {"model": args.model, "max_tokens": args.max_tokens, "rows": num_rows, "dtype": args.dtype, "runs": runs}
     if len(runs) >= 2 and runs[0]["workers"] < runs[-1]["workers"]:
         a, b = runs[0], runs[-1]
