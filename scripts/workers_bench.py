@@ -1,7 +1,7 @@
 """`--workers 2` vs `--workers 1`: parallm-325 x 8 copies (2,600 rows) through `python -m mlxbatch run`.
 
 usage: python scripts/workers_bench.py [--model random:llama-1b] [--max-tokens 100] [--copies 8]
-                                       [--rows N] [--workers 1,2] [--dtype auto] [--batch-size N]
+                                       [--rows N] [--workers 1,2] [--dtype auto] [--batch-size N] [--warm-up]
 quick CPU check: python scripts/workers_bench.py --model random:tiny --copies 1 --rows 200 --max-tokens 16
 
 Each run starts fresh (new output folder, new local Ray) and is timed end to end: Ray's start, every
@@ -76,11 +76,15 @@ def main() -> None:
     p.add_argument("--workers", default="1,2", help="worker counts to run, in order")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--warm-up", action="store_true", help="one uncounted one-worker run first")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="workers-bench-"))
     src = work / "parallm.jsonl"
     num_rows = write_rows(src, args.copies, args.rows)
     print(f"{num_rows:,} rows (parallm-325 x {args.copies}), {args.model}, max_tokens {args.max_tokens}; in {work}")
+    if args.warm_up:  # a fresh machine builds its CUDA kernels on first use (cached on disk after)
+        run_once(src, work / "warm-up", 1, args)
+        print("warm-up run done (not counted)")
     # A folder per run: a repeated worker count in a reused folder would find its job complete.
     runs = [run_once(src, work / f"run{i}-w{n}", int(n), args) for i, n in enumerate(args.workers.split(","))]
     print(f"{'workers':>7} | end to end: {'s':>6} {'rows/s':>8} {'tok/s':>9} | job clock: {'s':>6} {'rows/s':>8} "
