@@ -136,6 +136,9 @@ class Renderer:
         """The exact text the model sees, or a RowError if the chat template rejects the row."""
         if not self._is_templated(item):
             return item.prompt
+        if not self.has_template:
+            return RowError("template_error", f"line {item.line}: the model has no chat template, so chat messages "
+                            "cannot be rendered; give the text as a plain prompt instead")
         try:
             with time_limit(MAX_TEMPLATE_SECONDS):  # a template can loop for ever: a row error, not a hang
                 return self.tokenizer.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)

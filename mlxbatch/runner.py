@@ -136,7 +136,7 @@ class JobLoop:
     def _start_workers(self) -> None:
         """Render the first rows while the workers start and load the model, then start the job's clock:
         Ray's start and the model loads are not job time, as loading the model is not on one machine."""
-        ahead = 4 * (self.spec.batch_size or _WORKER_BATCH_GUESS) * self.spec.workers
+        ahead = 4 * (self.spec.batch_size or _WORKER_BATCH_GUESS) * max(len(self.engine.workers), 1)
         try:
             self.engine.wait_started(lambda: self._render_ahead(ahead))
         except BaseException:

@@ -15,10 +15,11 @@ import os
 import socket
 import time
 
-from . import models
+from . import __version__, models
 from .types import Completion, EngineStats, Request
 
 DEFAULT_ENGINE = "mlxbatch.engine:Engine"
+PROTOCOL = 2  # the shape of start()'s and work()'s answers: the driver refuses a worker with another
 
 
 def load_object(path: str):
@@ -47,7 +48,8 @@ class Worker:
         lm = models.load(self.args["model"], dtype=self.args["dtype"], ignore_eos=self.args["ignore_eos"])
         self.engine = load_object(self.engine_path)(lm, **self.engine_args)
         self.tokenizer = lm.tokenizer
-        return {"pid": os.getpid(), "host": socket.gethostname(), "weights_sha256": lm.weights_hash,
+        return {"pid": os.getpid(), "host": socket.gethostname(), "version": __version__, "protocol": PROTOCOL,
+                "weights_sha256": lm.weights_hash,
                 "dtype": lm.dtype, "max_batch": self.engine.max_batch, "backend": models.backend(),
                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),  # Ray's placement, where it gave GPUs
                 "forward": self.engine.stats.forward}

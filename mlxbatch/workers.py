@@ -2,8 +2,8 @@
 
 Owns: starting one actor per worker (each loads the model once and runs an engine, worker.py),
 checking they all load what the driver's manifest names, routing requests (prefix affinity,
-routing.py; all samples of a row together), two calls in flight per worker while it holds rows
-(about two batches outstanding), faults (a lost worker is killed for good, its rows go back to the front
+routing.py; all samples of a row together), up to two calls in flight per worker with about two
+batches outstanding, faults (a lost worker is killed for good, its rows go back to the front
 of the queue, a replacement starts, up to a bound), the summed engine counters and each
 worker's status for the dashboard. Does not own: reading, rendering or writing rows; the
 runner's JobLoop drives this exactly as it drives one Engine and stays the single writer.
@@ -19,11 +19,12 @@ from functools import partial
 from itertools import groupby
 from pathlib import Path
 
+from . import __version__
 from .cluster import Session
 from .errors import ModelError, WorkerError
 from .routing import PrefixRouter
 from .types import Completion, EngineStats, Request, WorkerStatus
-from .worker import DEFAULT_ENGINE, Worker
+from .worker import DEFAULT_ENGINE, PROTOCOL, Worker
 
 BUDGET_S = 0.3  # each call steps its engine this long: one round trip per worker per 0.3 s
 MAX_RESTARTS = 3  # per worker: a worker that keeps failing is given up
@@ -32,9 +33,7 @@ _RATE_WINDOW_S = 10.0
 _OUTSTANDING_BATCHES = 2  # requests kept at a worker: its next batch is there before it asks
 # A second call waits at the actor while the driver handles the first one's results, so the worker
 # does not idle on the driver (a stand-in engine at batch 64 on a shared 2-CPU VM: ~7,800 rows/s
-# through the driver with one call in flight, ~9,900 with two; noisy runs). Two workers on 2 H200s
-# that finish waves together each waited up to 0.37 s of a 2.5 s job while only one went out when
-# there were no new rows to send.
+# through the driver with one call in flight, ~9,900 with two; noisy runs).
 _CALLS_IN_FLIGHT = 2
 # Engine counters that say "now" (summed over running workers); every other number only grows
 # (summed over all workers, a lost one's included).
@@ -204,6 +203,10 @@ class WorkerPool:
             self._sum_stats()
 
     def _started(self, slot: _Slot, info: dict) -> None:
+        if info.get("protocol") != PROTOCOL:  # an older or newer mlxbatch answers in another shape
+            raise WorkerError(f"{slot.status.name} on {info['host']} runs mlxbatch {info.get('version', '?')} "
+                              f"(protocol {info.get('protocol', 1)}), the driver {__version__} (protocol {PROTOCOL}): "
+                              "every machine needs the same mlxbatch")
         if (info["weights_sha256"], info["dtype"]) != (self.lm.weights_hash, self.lm.dtype):
             raise ModelError(
                 f"{slot.status.name} on {info['host']} loads {self.lm.name} as {info['dtype']} with weights sha256 "
@@ -231,10 +234,8 @@ class WorkerPool:
             group = slot.pop()
             room -= len(group)
             batch += group
-        if not batch and (len(slot.calls) >= _CALLS_IN_FLIGHT or not slot.inflight):
-            return False
-        # A call with no new rows still goes out while the worker holds some: it waits at the actor and
-        # steps them as soon as the call before it returns, so the worker never waits on the driver.
+        if not batch and (slot.calls or not slot.inflight):
+            return False  # the call in flight carries on with what it holds: no empty round trips
         for r in batch:
             slot.inflight[r.key] = r
         slot.calls.append(slot.actor.work.remote([(r.key, r.tokens, r.params) for r in batch], BUDGET_S))

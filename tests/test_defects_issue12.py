@@ -303,3 +303,19 @@ def test_commits_by_finished_rows_not_only_by_time(tmp_path):
     run_job(spec, lm=models.load("random:tiny"), engine_factory=EchoEngine,
             progress=lambda s: seen.append(checkpoint.journal_rows(tmp_path / "out")))
     assert max(seen) > 0  # committed before the end, although the commit interval is an hour
+
+
+def test_chat_rows_for_a_model_without_a_template_say_so(tmp_path, tiny):
+    old = tiny.tokenizer.chat_template
+    tiny.tokenizer.chat_template = None
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [{"id": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                                                  {"id": "plain", "prompt": "hi"}])
+        spec = JobSpec(input=src, output=tmp_path / "out", model="random:tiny",
+                       sampling=SamplingParams(max_tokens=2)).validate()
+        run_job(spec, lm=tiny)
+    finally:
+        tiny.tokenizer.chat_template = old
+    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == ["plain"]
+    err = read_jsonl(tmp_path / "out" / "errors.jsonl")[0]["error"]
+    assert err["code"] == "template_error" and "line 1: the model has no chat template" in err["message"], err

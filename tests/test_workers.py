@@ -298,6 +298,7 @@ def test_driver_moves_over_5000_rows_a_second_with_a_stand_in_engine(tmp_path):
 
     def factory(*a, **k):  # the clock starts once the workers are up: Ray's start-up is not the driver's cost
         pool = make(*a, **k)
+        pool.wait_started()  # here, so the driver renders no row before the clock starts
         marks.append((time.monotonic(), 0))
         return pool
 
@@ -387,3 +388,21 @@ def test_each_worker_asks_for_a_gpu_or_a_share_or_a_cpu_spread_over_machines(res
     with pytest.raises(WorkerError, match="not enough for 9 workers"):
         session.ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 8})
         session.actor_options(9)
+
+
+def test_a_worker_of_another_mlxbatch_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from mlxbatch.workers import WorkerPool, _Slot
+
+    pool = object.__new__(WorkerPool)  # only _started's inputs: no Ray needed
+    pool.lm = SimpleNamespace(name="random:tiny", weights_hash="ab" * 32, dtype="float32")
+    old = {"pid": 7, "host": "mac-2", "version": "0.1.0", "weights_sha256": "ab" * 32, "dtype": "float32",
+           "max_batch": 64, "backend": "cpu", "forward": ""}  # a worker from before the protocol field
+    with pytest.raises(WorkerError, match=r"worker 1 on mac-2 runs mlxbatch 0.1.0 \(protocol 1\).*same mlxbatch"):
+        pool._started(_Slot(0, 0), old)
+    from mlxbatch.worker import PROTOCOL
+
+    slot = _Slot(0, 0)
+    pool._started(slot, {**old, "protocol": PROTOCOL})
+    assert slot.is_running and slot.max_batch == 64
