@@ -50,7 +50,8 @@ def _table(s: JobStats) -> Table:
 def _worker(w: WorkerStatus, elapsed: float) -> str:
     where = f"pid {w.pid} on {w.host}" if w.pid else "no process yet"
     restarts = f", {w.restarts} restart{'s' if w.restarts != 1 else ''}" if w.restarts else ""
-    busy = f", busy {min(w.busy_s / elapsed, 1):.0%}" if elapsed > 0 else ""  # below 100%: it waited on the driver
+    # Below 100%: it waited on the driver, or its rows were done.
+    busy = f", busy {min(w.busy_s / elapsed, 1):.0%}" if elapsed > 0 else ""
     return f"{w.state:<10} {w.done:,} done, {w.gen_tok_s:,.0f} gen tok/s{busy}  ({where}{restarts})"
 
 

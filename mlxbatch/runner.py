@@ -25,6 +25,7 @@ import orjson
 from . import exits, models, source
 from .checkpoint import ERRORS, METRICS, RESULTS, Checkpoint, make_state, open_append, read_state
 from .engine import Engine, Request
+from .engine.core import GPU_MAX_BATCH
 from .errors import InputFileError, Interrupted, MlxbatchError, ModelError, RowError, WorkerError
 from .grammar import GrammarError, Grammars
 from .job import JobSpec
@@ -36,7 +37,6 @@ from .stats import JobStats
 _COMMIT_ROWS = 512  # also commit once this many rows wait, however short the time since the last
 _METRICS_SECONDS = 10.0
 _RENDER_BATCH = 64  # rows tokenized per call (the tokenizer runs a batch in parallel)
-_WORKER_BATCH_GUESS = 512  # a GPU engine's batch: rows rendered ahead per worker while workers load
 
 
 @dataclass
@@ -136,7 +136,8 @@ class JobLoop:
     def _start_workers(self) -> None:
         """Render the first rows while the workers start and load the model, then start the job's clock:
         Ray's start and the model loads are not job time, as loading the model is not on one machine."""
-        ahead = 4 * (self.spec.batch_size or _WORKER_BATCH_GUESS) * max(len(self.engine.workers), 1)
+        # The workers' batch is unknown until they are up: a GPU engine's default stands in for it.
+        ahead = 4 * (self.spec.batch_size or GPU_MAX_BATCH) * max(len(self.engine.workers), 1)
         try:
             self.engine.wait_started(lambda: self._render_ahead(ahead))
         except BaseException:

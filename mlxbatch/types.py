@@ -128,4 +128,4 @@ class WorkerStatus:
     done: int = 0  # completions this worker delivered (samples: rows when n is 1)
     gen_tok_s: float = 0.0  # over the last few seconds
     restarts: int = 0
-    busy_s: float = 0.0  # seconds its calls spent adding and stepping (the rest it waited on the driver)
+    busy_s: float = 0.0  # seconds its calls spent adding and stepping (the rest: waiting on the driver, or done)

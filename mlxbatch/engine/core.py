@@ -24,6 +24,7 @@ from .sampling import RowParams, allowed_tokens, sample
 from .scheduler import Scheduler, Unit, token_key
 
 DEFAULT_PREFILL_CHUNK = 512
+GPU_MAX_BATCH, CPU_MAX_BATCH = 512, 64  # rows decoded together by default
 DEFAULT_PREFIX_CACHE_GB = 1.0
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
@@ -74,7 +75,7 @@ class Engine:
         self.lm = lm
         self.runner = _runner(lm, options)
         is_cpu = not self.runner.options.full_buffer
-        self.max_batch = max_batch or (64 if is_cpu else 512)
+        self.max_batch = max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
         self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()
         self.prefill_chunk = prefill_chunk
         self.max_prefill_tokens = max_prefill_tokens or (4096 if is_cpu else 32768)
