@@ -39,7 +39,6 @@ VARIANTS = {
     "dense-q": ForwardOptions.for_backend(_B, dense_q=True),
     "strided-q": ForwardOptions.for_backend(_B, dense_q=False),
     "bucket32": ForwardOptions.for_backend(_B),  # kvcache.COARSE_STEP = 32 while it runs
-    "per-layer": ForwardOptions.for_backend(_B, one_call=False),  # two compiled calls a layer, writes from Python
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
 if "--min-shared" in opt:  # e.g. --min-shared=32: share parallm's system prompt too

@@ -142,23 +142,21 @@ class DecodePlan:
     """
 
     def __init__(self, model: nn.Module, fused: list, opts: AttendOptions, *, bucketed: bool, use_addmm: bool,
-                 dense_q: bool = False, one_call: bool = True):
+                 dense_q: bool = False):
         first = model.model.layers[0]
         attn, eps = first.self_attn, first.input_layernorm.eps
         self.weights = [(layer.input_layernorm.weight, qkv.weight, layer.self_attn.o_proj.weight,
                          layer.post_attention_layernorm.weight, gate_up.weight, layer.mlp.down_proj.weight)
                         for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
-        self.opts, self.scale, self.bucketed, self.one_call = opts, attn.scale, bucketed, bucketed and one_call
-        pre = partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope, dense_q=dense_q)
-        attend_post = partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm)
-        self.pre = mx.compile(pre)
+        self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
+        self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope,
+                                      dense_q=dense_q))
         self.post = mx.compile(partial(_post, eps=eps, use_addmm=use_addmm))
-        self.attend_post = mx.compile(attend_post)
-        self.layers = mx.compile(partial(_layers, pre=pre, attend_post=attend_post))
+        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm))
 
     @classmethod
     def build(cls, model: nn.Module, fused: list | None, opts: AttendOptions, *, bucketed: bool, use_addmm: bool,
-              dense_q: bool = False, one_call: bool = True):
+              dense_q: bool = False):
         """For models whose projections are plain bias-free matrices with gate and up of equal
         width; None otherwise (quantized weights keep the general path)."""
         if fused is None:
@@ -168,15 +166,12 @@ class DecodePlan:
                     for m in (l.self_attn.o_proj, l.mlp.down_proj))
         plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
         plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
-        return (cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm, dense_q=dense_q, one_call=one_call)
-                if plain else None)
+        return cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm, dense_q=dense_q) if plain else None
 
     def run(self, h: mx.array, mask: mx.array, caches: list, groups) -> mx.array:
         # Attention joins the compiled call only where the cache keeps its shape for a whole
         # bucket (GPUs) and no row shares a prefix (the cascade's shape follows the groups).
         fold = self.bucketed and groups is None
-        if fold and self.one_call and caches[0].has_room(1):  # every layer grows at once
-            return self._run_one_call(h, mask, caches)
         for i, ((ln1, wqkv, wo, ln2, wgu, wd), cache) in enumerate(zip(self.weights, caches)):
             q, k, v = self.pre(h, ln1, wqkv, cache.offset)
             k, v = cache.update_and_fetch(k, v)  # outside: an in-place write into the cache buffer
@@ -186,33 +181,6 @@ class DecodePlan:
                 o = attend(q, k, v, scale=self.scale, mask=mask, groups=groups, opts=self.opts, layer=i)
                 h = self.post(h, o, wo, ln2, wgu, wd)
         return h
-
-
-    def _run_one_call(self, h: mx.array, mask: mx.array, caches: list) -> mx.array:
-        """Every layer in one compiled call, the cache writes inside it (at a position given as
-        an array, so the call is traced once per bucket, not once per step). Why: per layer, two
-        compiled calls and two cache writes from Python cost ~0.9 ms of a SmolLM2 step."""
-        layout = caches[0].layout
-        start = mx.array(layout.idx, dtype=mx.int32).reshape(1, 1, 1, 1)
-        h, keys, values = self.layers(h, mask, layout.offset, start, self.weights,
-                                      [c.keys for c in caches], [c.values for c in caches])
-        for c, k, v in zip(caches, keys, values):  # the old buffers are now only inputs: written in place
-            c.keys, c.values = k, v
-        return h
-
-
-def _layers(h, mask, offset, start, weights, keys, values, *, pre, attend_post):
-    """The one-token layers with their cache writes; returns (h, new keys, new values)."""
-    new_keys, new_values = [], []
-    for (ln1, wqkv, wo, ln2, wgu, wd), kc, vc in zip(weights, keys, values):
-        q, k, v = pre(h, ln1, wqkv, offset)
-        # A scatter, not a dynamic slice_update: on CUDA that adds a kernel computing its offset.
-        kc = mx.put_along_axis(kc, start, k, axis=2)
-        vc = mx.put_along_axis(vc, start, v, axis=2)
-        h = attend_post(h, q, kc, vc, mask, wo, ln2, wgu, wd)
-        new_keys.append(kc)
-        new_values.append(vc)
-    return h, new_keys, new_values
 
 
 def _pre(h, ln1, wqkv, offset, *, heads, eps, rope, dense_q: bool):

@@ -196,10 +196,6 @@ class LayerCache:
             return self.keys, self.values
         return self.keys[..., : start + n, :], self.values[..., : start + n, :]
 
-    def has_room(self, n: int) -> bool:
-        """Whether the next n columns fit the buffers as they are (no growth)."""
-        return self.keys is not None and self.layout.idx + n <= self.keys.shape[2]
-
     def _grow(self, keys, values, needed: int) -> None:
         B, H, _, Dk = keys.shape
         cols = capacity(needed, fine=not self.layout.full_buffer)

@@ -33,7 +33,6 @@ class ForwardOptions:
     mask_addmm: bool = False  # see AttendOptions
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
-    one_call: bool = True  # with full_buffer: every layer of a step in one compiled call
     dense_q: bool = False  # q copied dense: its score matmul is one strided batch, not a pointer array
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
     min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
@@ -105,8 +104,7 @@ class ModelRunner:
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         self.is_small = self.weight_bytes < self.options.small_model_bytes
         self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
-                                      use_addmm=self.options.use_addmm, dense_q=self.options.dense_q,
-                                      one_call=self.options.one_call)
+                                      use_addmm=self.options.use_addmm, dense_q=self.options.dense_q)
                      if self.options.compiled_decode else None)
         # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
         self.can_share_prefix = self.options.shared_prefix and self.fused is not None
