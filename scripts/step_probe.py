@@ -39,8 +39,8 @@ VARIANTS = {
     "dense-q": ForwardOptions.for_backend(_B, dense_q=True),
     "strided-q": ForwardOptions.for_backend(_B, dense_q=False),
     "bucket32": ForwardOptions.for_backend(_B),  # kvcache.COARSE_STEP = 32 while it runs
-    "no-pair": ForwardOptions.for_backend(_B, pair_sdpa=False),  # a small model's one query as matmuls
-    "pair-any-size": ForwardOptions.for_backend(_B, small_model_bytes=10**12),  # pair_sdpa at any size
+    "pair-sdpa": ForwardOptions.for_backend(_B, pair_sdpa=True),  # one query as fused attention over it twice
+    "pair-sdpa-strided": ForwardOptions.for_backend(_B, pair_sdpa=True, dense_q=False),
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
 if "--min-shared" in opt:  # e.g. --min-shared=32: share parallm's system prompt too
@@ -109,7 +109,7 @@ def report(label: str, secs: float, steps: int, tokens: int, acc: dict) -> None:
 print(f"{model} {lm.dtype} {mx.default_device()} {mx.device_info().get('device_name', '')} prompts={len(prompts)}")
 env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MLX_"))
 for label in chosen:
-    report(f"{label} (cold)", *engine_run(label))  # warm-up: kernels and plans per shape
+    engine_run(label)  # warm-up: kernels and plans per shape
     report(f"{label} {env}", *engine_run(label))
     report(f"{label} {env}", *engine_run(label))
     if "--phases" in sys.argv:

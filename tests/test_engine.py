@@ -47,8 +47,8 @@ LAYOUTS = {  # what each backend runs, all checked on the CPU
     "cpu": ForwardOptions.for_backend("cpu"),
     "cpu-uncompiled": ForwardOptions.for_backend("cpu", compiled_decode=False),
     "metal": ForwardOptions.for_backend("metal"),  # attention over the whole bucketed buffer, masked
-    "cuda": ForwardOptions.for_backend("cuda"),  # residuals added by matmuls; a small model: one query as sdpa, twice
-    "cuda-large-model": ForwardOptions.for_backend("cuda", small_model_bytes=0),  # no pair_sdpa: one query as matmuls
+    "cuda": ForwardOptions.for_backend("cuda"),  # also one query as matmuls, residuals added by matmuls
+    "cuda-pair-sdpa": ForwardOptions.for_backend("cuda", pair_sdpa=True),  # one query as fused attention, twice
     "cpu-copied-prefix": ForwardOptions.for_backend("cpu", shared_prefix=False),
     "mlx-lm-layers": ForwardOptions.for_backend("cpu", fused=False),
 }

@@ -113,8 +113,7 @@ def _query_pair(q, k, v, scale, mask):
     two queries with a mask go to cuDNN's fused attention (one kernel); the second row's output
     is dropped."""
     B, H, _, D = q.shape
-    pair = mx.contiguous(mx.broadcast_to(q, (B, H, 2, D)))  # dense: cuDNN lays the output out like q
-    o = mx.fast.scaled_dot_product_attention(pair, k, v, scale=scale, mask=mask)
+    o = mx.fast.scaled_dot_product_attention(mx.broadcast_to(q, (B, H, 2, D)), k, v, scale=scale, mask=mask)
     return o[:, :, :1]
 
 

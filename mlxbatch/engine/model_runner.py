@@ -34,8 +34,7 @@ class ForwardOptions:
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
     dense_q: bool = False  # q copied dense: its score matmul is one strided batch, not a pointer array
-    pair_sdpa: bool = False  # for models under small_model_bytes: one query as fused attention over
-    # two copies of it (attention._query_pair): fewer operations a layer, slower kernels
+    pair_sdpa: bool = False  # one query as fused attention over two copies of it (see attention._query_pair)
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
     min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
     small_model_bytes: int = 0  # below it a model is bound by operations per step: it copies prefixes
@@ -55,7 +54,7 @@ class ForwardOptions:
         copied dense before its score matmul (H200 parallm-325: 1B 3.54-3.67 vs 3.71-3.82 ms a
         step, 8B 14.14 vs 14.22-14.33; SmolLM2 within its run-to-run noise either way)."""
         gpu, cuda = backend != "cpu", backend == "cuda"
-        return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda, dense_q=cuda, pair_sdpa=cuda,
+        return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda, dense_q=cuda,
                            min_shared_tokens=256 if gpu else 32,
                            small_model_bytes=10**9 if cuda else 0), **overrides)
 
@@ -105,10 +104,8 @@ class ModelRunner:
         self.fused = fuse(model) if self.options.fused else None
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         self.is_small = self.weight_bytes < self.options.small_model_bytes
-        pair = self.options.pair_sdpa and self.is_small  # fewer, slower kernels pay only where host-bound
-        self.attend = replace(self.options.attend, pair_sdpa=pair)
-        self.plan = (DecodePlan.build(model, self.fused, self.attend, bucketed=self.options.full_buffer,
-                                      use_addmm=self.options.use_addmm, dense_q=self.options.dense_q and not pair)
+        self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
+                                      use_addmm=self.options.use_addmm, dense_q=self.options.dense_q)
                      if self.options.compiled_decode else None)
         # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
         self.can_share_prefix = self.options.shared_prefix and self.fused is not None
@@ -116,8 +113,7 @@ class ModelRunner:
 
     def describe(self) -> str:
         """One line for the log: what runs and why."""
-        on = [k for k, v in asdict(self.options).items() if v is True and k != "pair_sdpa"]
-        on += ["pair_sdpa (small model)"] if self.attend.pair_sdpa else []
+        on = [k for k, v in asdict(self.options).items() if v is True]
         on = [f"{k} (from {self.options.min_shared_tokens} tokens)" if k == "shared_prefix" else k for k in on]
         path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
         return f"forward: {path}; " + ", ".join(on)
@@ -136,7 +132,7 @@ class ModelRunner:
 
     def _hidden(self, tokens: mx.array, cache: BatchCache) -> mx.array:
         if self.fused is not None:
-            return hidden_states(self.model, tokens, cache.layers, self.fused, opts=self.attend,
+            return hidden_states(self.model, tokens, cache.layers, self.fused, opts=self.options.attend,
                                  plan=self.plan)
         return self.model.model(tokens, cache=cache.layers)
 
