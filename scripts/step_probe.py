@@ -39,8 +39,6 @@ VARIANTS = {
     "dense-q": ForwardOptions.for_backend(_B, dense_q=True),
     "strided-q": ForwardOptions.for_backend(_B, dense_q=False),
     "bucket32": ForwardOptions.for_backend(_B),  # kvcache.COARSE_STEP = 32 while it runs
-    "pair-sdpa": ForwardOptions.for_backend(_B, pair_sdpa=True),  # one query as fused attention over it twice
-    "pair-sdpa-strided": ForwardOptions.for_backend(_B, pair_sdpa=True, dense_q=False),
 }
 chosen = opt.get("--variants", ",".join(VARIANTS)).split(",")
 if "--min-shared" in opt:  # e.g. --min-shared=32: share parallm's system prompt too

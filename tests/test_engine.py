@@ -48,7 +48,6 @@ LAYOUTS = {  # what each backend runs, all checked on the CPU
     "cpu-uncompiled": ForwardOptions.for_backend("cpu", compiled_decode=False),
     "metal": ForwardOptions.for_backend("metal"),  # attention over the whole bucketed buffer, masked
     "cuda": ForwardOptions.for_backend("cuda"),  # also one query as matmuls, residuals added by matmuls
-    "cuda-pair-sdpa": ForwardOptions.for_backend("cuda", pair_sdpa=True),  # one query as fused attention, twice
     "cpu-copied-prefix": ForwardOptions.for_backend("cpu", shared_prefix=False),
     "mlx-lm-layers": ForwardOptions.for_backend("cpu", fused=False),
 }

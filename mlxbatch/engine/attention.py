@@ -27,7 +27,6 @@ class AttendOptions:
     mask_addmm: bool = False  # mask added by the score matmul (one kernel, but CUDA's batched addmm
     # with a broadcast mask takes a pointer-array path; MLX's CPU addmm is slow)
     compiled: bool = False  # one-token cascade as one compiled call (where cache shapes are bucketed)
-    pair_sdpa: bool = False  # one query as MLX's fused attention over the query written twice (see _query_pair)
     # Score elements when every row's query meets every stored prefix in one matmul (float32:
     # 64 MB); above it, one matmul per group: more operations, but no row scored against other
     # groups' columns (H200, 1B shared-prefix, 4 groups, 50M scores: 4.2-4.5x mlx-lm blocked
@@ -46,8 +45,6 @@ def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions
     in a group, the group's stored prefix (`groups`: a GroupPlan, or None)."""
     B, H, L, D = q.shape
     if groups is None:
-        if L == 1 and opts.pair_sdpa:
-            return _query_pair(q, k, v, scale, mask).reshape(B, 1, H * D)
         if L == 1 and opts.one_query_matmul:
             return _one_query(q, k, v, scale, mask, opts).reshape(B, 1, H * D)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -105,16 +102,6 @@ def cascade(q, k, v, mask, kvs, rows, perm, *, scale: float, opts: AttendOptions
 def _heads_last(o: mx.array) -> mx.array:
     B, H, L, D = o.shape
     return o.reshape(B, 1, H * D) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
-
-
-def _query_pair(q, k, v, scale, mask):
-    """One query per row through MLX's fused attention, the query given twice. Why: MLX's CUDA
-    backend has no fused one-query kernel that takes a mask (it runs ~5 kernels a layer), while
-    two queries with a mask go to cuDNN's fused attention (one kernel); the second row's output
-    is dropped."""
-    B, H, _, D = q.shape
-    o = mx.fast.scaled_dot_product_attention(mx.broadcast_to(q, (B, H, 2, D)), k, v, scale=scale, mask=mask)
-    return o[:, :, :1]
 
 
 def _one_query(q, k, v, scale, mask, opts):

@@ -34,7 +34,6 @@ class ForwardOptions:
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
     dense_q: bool = False  # q copied dense: its score matmul is one strided batch, not a pointer array
-    pair_sdpa: bool = False  # one query as fused attention over two copies of it (see attention._query_pair)
     shared_prefix: bool = True  # rows of a group attend to one stored copy of their prefix
     min_shared_tokens: int = 32  # shorter common prefixes are copied into each row instead
     small_model_bytes: int = 0  # below it a model is bound by operations per step: it copies prefixes
@@ -60,7 +59,7 @@ class ForwardOptions:
 
     @property
     def attend(self) -> AttendOptions:
-        return AttendOptions(one_query_matmul=self.one_query_matmul, mask_addmm=self.mask_addmm, pair_sdpa=self.pair_sdpa,
+        return AttendOptions(one_query_matmul=self.one_query_matmul, mask_addmm=self.mask_addmm,
                              compiled=self.full_buffer and self.compiled_decode,
                              max_blocked_scores=self.max_blocked_scores)
 
