@@ -30,9 +30,10 @@ def run() -> tuple[float, int]:
 
 secs, steps = run()  # the process's first run: kernels and plans per shape built or loaded
 print(f"{model} rows={len(prompts)} first run in this process {secs:.3f} s {steps} steps", flush=True)
-wait = start_at - time.time()
-print(f"waiting {wait:.1f} s for the shared start", flush=True)
-time.sleep(max(0.0, wait))
+if start_at:
+    wait = start_at - time.time()
+    print(f"waiting {wait:.1f} s for the shared start", flush=True)
+    time.sleep(max(0.0, wait))
 for i in range(3):
     secs, steps = run()
     print(f"{model} rows={len(prompts)} run{i} {secs:.3f} s {steps} steps {secs / steps * 1e3:.2f} ms/step", flush=True)
