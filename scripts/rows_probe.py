@@ -22,29 +22,13 @@ def run() -> tuple[float, int]:
     for i, p in enumerate(prompts):
         eng.add(Request(i, p, SamplingParams(max_tokens=max_tokens)))
     t, steps = time.perf_counter(), 0
-    step_times.clear()
     while eng.has_work:
-        s = time.perf_counter()
         eng.step()
-        c = eng._cache
-        step_times.append((time.perf_counter() - s, c.batch if c else 0, c.layers[0].keys.shape[2] if c and c.layers[0].keys is not None else 0))
         steps += 1
     return time.perf_counter() - t, steps
 
 
-def slow_steps(first: list, later: list) -> None:
-    """Where a fresh process's first run loses time: steps slower than the same step of a later run."""
-    extra = [(a[0] - b[0], i, a[1], a[2]) for i, (a, b) in enumerate(zip(first, later))]
-    over = sorted((e for e in extra if e[0] > 0.005), reverse=True)
-    print(f"  first run: {len(over)} steps > 5 ms slower than in run0, {sum(e[0] for e in over):.3f} s in all;"
-          f" all steps {sum(e[0] for e in extra):+.3f} s", flush=True)
-    for d, i, b, cols in over[:10]:
-        print(f"    step {i:4d} +{d * 1e3:7.1f} ms (batch {b}, {cols} cols)", flush=True)
-
-
-step_times: list = []
 secs, steps = run()  # the process's first run: kernels and plans per shape built or loaded
-first_steps = list(step_times)
 print(f"{model} rows={len(prompts)} first run in this process {secs:.3f} s {steps} steps", flush=True)
 if start_at:
     wait = start_at - time.time()
@@ -53,5 +37,3 @@ if start_at:
 for i in range(3):
     secs, steps = run()
     print(f"{model} rows={len(prompts)} run{i} {secs:.3f} s {steps} steps {secs / steps * 1e3:.2f} ms/step", flush=True)
-    if i == 0 and len(step_times) == len(first_steps):
-        slow_steps(first_steps, step_times)

@@ -48,7 +48,6 @@ LAYOUTS = {  # what each backend runs, all checked on the CPU
     "cpu-uncompiled": ForwardOptions.for_backend("cpu", compiled_decode=False),
     "metal": ForwardOptions.for_backend("metal"),  # attention over the whole bucketed buffer, masked
     "cuda": ForwardOptions.for_backend("cuda"),  # also one query as matmuls, residuals added by matmuls
-    "cuda-dense-mask": ForwardOptions.for_backend("cuda", mask_addmm=True, dense_mask=True),  # mask added by the score matmul
     "cpu-copied-prefix": ForwardOptions.for_backend("cpu", shared_prefix=False),
     "mlx-lm-layers": ForwardOptions.for_backend("cpu", fused=False),
 }
@@ -187,7 +186,7 @@ def cascade_prompts(lm):
 LAYOUTS["cpu-group-loop"] = ForwardOptions.for_backend("cpu", max_blocked_scores=0)  # one matmul per group
 
 
-@pytest.mark.parametrize("layout", ["cpu", "metal", "cuda", "cuda-dense-mask", "cpu-group-loop"])
+@pytest.mark.parametrize("layout", ["cpu", "metal", "cuda", "cpu-group-loop"])
 def test_shared_prefixes_equal_single_stream(tiny, layout):
     prompts, sampled = cascade_prompts(tiny)
     reqs = [Request(i, p, SamplingParams(max_tokens=6 + i % 7)) for i, p in enumerate(prompts)]

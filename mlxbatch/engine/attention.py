@@ -26,8 +26,6 @@ class AttendOptions:
     one_query_matmul: bool = False  # one query as matmuls (CUDA: MLX's masked one-query sdpa is a slow gemv)
     mask_addmm: bool = False  # mask added by the score matmul (one kernel, but CUDA's batched addmm
     # with a broadcast mask takes a pointer-array path; MLX's CPU addmm is slow)
-    dense_mask: bool = False  # with mask_addmm: one query's mask expanded to every query head once a
-    # step, so each layer's score matmul is one strided batch with its addend (no add kernel)
     compiled: bool = False  # one-token cascade as one compiled call (where cache shapes are bucketed)
     # Score elements when every row's query meets every stored prefix in one matmul (float32:
     # 64 MB); above it, one matmul per group: more operations, but no row scored against other

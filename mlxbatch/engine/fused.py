@@ -118,9 +118,6 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list,
     groups = caches[0].layout.plan
     if L == 1 and (opts.one_query_matmul or groups is not None):  # additive once per step, not per layer
         mask = additive(mask, h.dtype)
-        if opts.mask_addmm and opts.dense_mask:
-            attn = inner.layers[0].self_attn
-            mask = expand_mask(mask, attn.n_kv_heads, attn.n_heads // attn.n_kv_heads)
     if L == 1 and plan is not None:
         return inner.norm(plan.run(h, mask, caches, groups))
     for i, (layer, cache, (qkv, gate_up)) in enumerate(zip(inner.layers, caches, fused)):
@@ -211,13 +208,6 @@ def _residual(h, x, w, use_addmm: bool):
 def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale, opts, use_addmm):
     o = attend(q, k, v, scale=scale, mask=mask, groups=None, opts=opts, layer=0)
     return _post(h, o, wo, ln2, wgu, wd, eps=eps, use_addmm=use_addmm)
-
-
-def expand_mask(mask: mx.array, kv_heads: int, group: int) -> mx.array:
-    """[B, 1, 1, S] -> dense [B, kv_heads, group, S]: the addend of every layer's score matmul
-    (a broadcast addend would split that matmul into one call per row on CUDA)."""
-    B, _, _, S = mask.shape
-    return mx.contiguous(mx.broadcast_to(mask, (B, kv_heads, group, S)))
 
 
 def _heads(x: mx.array, B: int, L: int, n: int) -> mx.array:
