@@ -1,6 +1,6 @@
 """Where a decode step's time goes on this device, and which forward variant is fastest.
 
-usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--workload=W] [--phases] [--kernels] [--fresh-runner]
+usage: python scripts/step_probe.py [MODEL] [--variants=a,b] [--workload=W] [--phases] [--kernels [--sequence=N]] [--fresh-runner]
 Runs a bench workload's prompts (pre-tokenized; default parallm-325) through the
 Engine under each variant of the model runner's ForwardOptions (one-query
 attention as sdpa or matmuls, mlx-lm's layers or the fused/compiled ones,
@@ -141,3 +141,6 @@ if "--kernels" in sys.argv:
             by[e.name] = (c + 1, d + e.device_time)
         for name, (c, d) in sorted(by.items(), key=lambda kv: -kv[1][0])[:30]:
             print(f"  {c / n:6.1f}/step {d / c:8.1f} us  {name[:110]}")
+        if "--sequence" in opt:  # the first kernels of the window in launch order (a layer's pattern)
+            for e in sorted(kernels, key=lambda e: e.time_range.start)[:int(opt.get("--sequence", 48))]:
+                print(f"    {e.device_time:7.1f} us  {e.name[:100]}")
