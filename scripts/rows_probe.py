@@ -1,4 +1,4 @@
-"""Engine seconds for N copies of parallm-325 in this process, the timed runs started at a shared
+"""Engine seconds for N copies of a bench workload (parallm-325 unless --workload) in this process, the timed runs started at a shared
 wall-clock moment, so engines on two GPUs can be timed alone and side by side (host contention).
 
 usage: python scripts/rows_probe.py MODEL COPIES [START_AT_UNIX_SECONDS] [--workload=W] [--api]
@@ -22,19 +22,24 @@ msgs, max_tokens = bench.WORKLOADS[flags.get("--workload") or "parallm-325"](Non
 prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in msgs] * copies
 
 
-def run() -> tuple[float, int]:
+def run() -> tuple[float, list]:
+    """Seconds for every row, and per step (seconds, batch rows, cache columns)."""
     eng = Engine(lm)
     for i, p in enumerate(prompts):
         eng.add(Request(i, p, SamplingParams(max_tokens=max_tokens)))
-    t, steps = time.perf_counter(), 0
-    step_times.clear()
+    t, steps = time.perf_counter(), []
     while eng.has_work:
         s = time.perf_counter()
         eng.step()
-        c = eng._cache
-        step_times.append((time.perf_counter() - s, c.batch if c else 0, c.layers[0].keys.shape[2] if c and c.layers[0].keys is not None else 0))
-        steps += 1
+        steps.append((time.perf_counter() - s, *_shape(eng._cache)))
     return time.perf_counter() - t, steps
+
+
+def _shape(cache) -> tuple[int, int]:
+    if cache is None:
+        return 0, 0
+    keys = cache.layers[0].keys
+    return cache.batch, keys.shape[2] if keys is not None else 0
 
 
 def slow_steps(first: list, later: list) -> None:
@@ -65,16 +70,15 @@ def profiled_run():
     return out
 
 
-step_times: list = []
-secs, steps = profiled_run() if "--api" in flags else run()  # the process's first run: kernels and plans per shape built or loaded
-first_steps = list(step_times)
-print(f"{model} rows={len(prompts)} first run in this process {secs:.3f} s {steps} steps", flush=True)
+secs, first = profiled_run() if "--api" in flags else run()  # the process's first run: kernels and plans per shape built or loaded
+print(f"{model} rows={len(prompts)} first run in this process {secs:.3f} s {len(first)} steps", flush=True)
 if start_at:
     wait = start_at - time.time()
     print(f"waiting {wait:.1f} s for the shared start", flush=True)
     time.sleep(max(0.0, wait))
 for i in range(3):
     secs, steps = run()
-    print(f"{model} rows={len(prompts)} run{i} {secs:.3f} s {steps} steps {secs / steps * 1e3:.2f} ms/step", flush=True)
-    if i == 0 and len(step_times) == len(first_steps):
-        slow_steps(first_steps, step_times)
+    print(f"{model} rows={len(prompts)} run{i} {secs:.3f} s {len(steps)} steps {secs / len(steps) * 1e3:.2f} ms/step",
+          flush=True)
+    if i == 0 and len(steps) == len(first):
+        slow_steps(first, steps)

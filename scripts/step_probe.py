@@ -142,5 +142,5 @@ if "--kernels" in sys.argv:
         for name, (c, d) in sorted(by.items(), key=lambda kv: -kv[1][0])[:30]:
             print(f"  {c / n:6.1f}/step {d / c:8.1f} us  {name[:110]}")
         if "--sequence" in opt:  # the first kernels of the window in launch order (a layer's pattern)
-            for e in sorted(kernels, key=lambda e: e.time_range.start)[:int(opt.get("--sequence", 48))]:
+            for e in sorted(kernels, key=lambda e: e.time_range.start)[:int(opt["--sequence"])]:
                 print(f"    {e.device_time:7.1f} us  {e.name[:100]}")
