@@ -13,6 +13,6 @@ if _os.path.basename(_sys.argv[0]) == "mlxbatch":  # the console script: no Keyb
     for _s in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
         _signal.signal(_s, _exit_now)
 
-from . import _blas  # noqa: F401,E402  (must precede any mlx import)
+from mlxbatch import _blas  # noqa: F401,E402  (must precede any mlx import)
 
 __version__ = "0.1.0"

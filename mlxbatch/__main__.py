@@ -1,3 +1,3 @@
-from .cli import main
+from mlxbatch.cli import main
 
 main()

@@ -1,6 +1,6 @@
 """The one exception family of mlxbatch and the exit codes it maps to.
 
-Owns: user-facing error classes. Does not own: printing them (cli.py does).
+Owns: user-facing error classes. Does not own: printing them (cli/__init__.py does).
 """
 
 EXIT_OK = 0

@@ -3,7 +3,7 @@
 Owns: a list of hooks and running them once, newest first, each on its own (one that fails
 does not stop the rest). The CLI's exits and the runner's second-signal exit call `run()`;
 a local Ray instance registers its shutdown here so it never outlives the driver. Does not
-own: deciding when to exit (cli.py, runner.py).
+own: deciding when to exit (cli/__init__.py, runner.py).
 """
 
 from __future__ import annotations

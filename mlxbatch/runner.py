@@ -5,7 +5,7 @@ finished rows by time and by count), duplicate-id detection (on ids as
 written), signal handling while the loop runs (a first SIGINT/SIGTERM/SIGHUP
 stops and commits, a second exits at once), the manifest, the metrics log and
 the end-of-job Parquet export. Does not own: any stage's internals, file names
-or the state schema (checkpoint.py), or how the process exits (cli.py).
+or the state schema (output/checkpoint.py), or how the process exits (cli/__init__.py).
 """
 
 from __future__ import annotations
@@ -22,17 +22,33 @@ from typing import Callable
 import mlx.core as mx
 import orjson
 
-from . import exits, models, source
-from .checkpoint import ERRORS, METRICS, RESULTS, Checkpoint, make_state, open_append, read_state
-from .engine import Engine, Request
-from .engine.core import GPU_MAX_BATCH
-from .errors import InputFileError, Interrupted, MlxbatchError, ModelError, RowError, WorkerError
-from .grammar import GrammarError, Grammars
-from .job import JobSpec
-from .ids import IdSet, written_id
-from .render import Item, Renderer, raw_id, request_params
-from .sink import RecordMaker, check_kept_fields, write_parquet
-from .stats import JobStats
+from mlxbatch import exits, models
+from mlxbatch.engine import Engine, Request
+from mlxbatch.engine.core import GPU_MAX_BATCH
+from mlxbatch.errors import (
+    InputFileError,
+    Interrupted,
+    MlxbatchError,
+    ModelError,
+    RowError,
+    WorkerError,
+)
+from mlxbatch.job import source
+from mlxbatch.job.grammar import GrammarError, Grammars
+from mlxbatch.job.ids import IdSet, written_id
+from mlxbatch.job.render import Item, Renderer, raw_id, request_params
+from mlxbatch.job.spec import JobSpec
+from mlxbatch.output.checkpoint import (
+    ERRORS,
+    METRICS,
+    RESULTS,
+    Checkpoint,
+    make_state,
+    open_append,
+    read_state,
+)
+from mlxbatch.output.records import RecordMaker, check_kept_fields, write_parquet
+from mlxbatch.ui.stats import JobStats
 
 _COMMIT_ROWS = 512  # also commit once this many rows wait, however short the time since the last
 _METRICS_SECONDS = 10.0
@@ -248,12 +264,14 @@ class JobLoop:
 
 def _workers_factory(spec: JobSpec, engine_factory):
     """The pool of Ray workers, or the caller's own factory (tests pass a pool with a stand-in engine)."""
-    from .cluster import require_ray  # Ray is imported only for --workers
+    from mlxbatch.cluster.session import (
+        require_ray,  # Ray is imported only for --workers
+    )
 
     require_ray()
     if engine_factory is not Engine:
         return engine_factory
-    from .workers import pool_factory
+    from mlxbatch.cluster.pool import pool_factory
 
     return pool_factory(spec)
 

@@ -3,7 +3,7 @@ engine requests and completions, and the few names that settings and model loadi
 
 Owns: plain dataclasses and constants only. Imports nothing from mlxbatch and no MLX,
 so `validate`, `status` and `export` can use them without loading a backend. Does not
-own: the rules a setting's value must follow (job.py).
+own: the rules a setting's value must follow (job/spec.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .errors import RowError
+    from mlxbatch.errors import RowError
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "bf16", "fp16", "fp32", "q4", "q8")
@@ -20,7 +20,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32", "q4", "q8")
 
 @dataclass(frozen=True)
 class Row:
-    """One input row: parsed, or the reason it could not be (source.py yields these)."""
+    """One input row: parsed, or the reason it could not be (job/source.py yields these)."""
 
     index: int  # 0-based position among rows (blank lines are not rows)
     line: int  # 1-based line number in JSONL, row number in Parquet
@@ -30,7 +30,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Constraint:
-    """What a row's output must match (structured output); grammar.py compiles it."""
+    """What a row's output must match (structured output); job/grammar.py compiles it."""
 
     kind: str  # "json" (a JSON schema) | "regex"
     text: str  # the schema as canonical JSON text, or the pattern
@@ -55,7 +55,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Item:
-    """A row rendered: what to ask the model (render.py makes these), with which settings."""
+    """A row rendered: what to ask the model (job/render.py makes these), with which settings."""
 
     index: int
     line: int
@@ -119,7 +119,7 @@ class EngineStats:
 
 @dataclass
 class WorkerStatus:
-    """One worker of a `--workers` job, as the dashboard shows it (workers.py keeps it current)."""
+    """One worker of a `--workers` job, as the dashboard shows it (cluster/pool.py keeps it current)."""
 
     name: str
     state: str = "starting"  # "starting" | "running" | "restarting" | "dead"

@@ -21,7 +21,8 @@ from importlib.metadata import version
 import numpy as np
 
 import mlxbatch  # noqa: F401  (BLAS preload)
-from mlxbatch import grammar, models
+from mlxbatch import models
+from mlxbatch.job import grammar
 
 sys.path.insert(0, "tests")
 from structured_data import PEOPLE, SCHEMA  # noqa: E402

@@ -9,13 +9,13 @@ waiting for the device, the Python bookkeeping, and admission. With --kernels (n
 kernels of a few steady-state decode steps (CUPTI sees MLX's kernels too).
 """
 import os
-from dataclasses import replace
 import sys
 import time
+from dataclasses import replace
 
-import mlxbatch  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
+import mlxbatch  # noqa: F401  (BLAS preload before mlx)
 from mlxbatch import bench, models
 from mlxbatch.engine import Engine, Request, SamplingParams, kvcache
 from mlxbatch.engine.model_runner import ForwardOptions, device_backend

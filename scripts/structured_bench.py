@@ -9,9 +9,9 @@ import sys
 import time
 
 import mlxbatch  # noqa: F401  (BLAS preload before mlx)
-
-from mlxbatch import grammar, models
+from mlxbatch import models
 from mlxbatch.engine import Engine, Request, SamplingParams
+from mlxbatch.job import grammar
 
 sys.path.insert(0, "tests")
 from structured_data import PEOPLE, SCHEMA  # noqa: E402

@@ -25,7 +25,7 @@ import orjson
 
 import mlxbatch  # noqa: F401  (BLAS preload before mlx)
 from mlxbatch.bench import WORKLOADS
-from mlxbatch.checkpoint import read_state
+from mlxbatch.output.checkpoint import read_state
 
 
 def write_rows(path: Path, copies: int, limit: int | None) -> int:

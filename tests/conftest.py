@@ -1,12 +1,12 @@
 """Shared fixtures: tiny random-weight models, the embedded model, sample inputs."""
 
-import mlxbatch  # noqa: F401  (loads OpenBLAS before mlx on Linux)
-
 import os
 from pathlib import Path
 
 import orjson
 import pytest
+
+import mlxbatch  # noqa: F401  (loads OpenBLAS before mlx on Linux)
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = os.environ.get("MLXBATCH_LONG") == "1"

@@ -1,6 +1,6 @@
 """llama.cpp's tensor names and Q/K row order, for tests that write GGUF files."""
 
-from mlxbatch import gguf_arch
+from mlxbatch.models.gguf import arch as gguf_arch
 
 
 def gguf_name(hf: str, arch: gguf_arch.Arch) -> str:

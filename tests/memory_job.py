@@ -2,17 +2,17 @@
 
 usage: python tests/memory_job.py N WORKDIR
 """
-import mlxbatch  # noqa: F401
-
 import resource
 import sys
 from pathlib import Path
+
+import mlxbatch  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).parent))
 from standin import EchoEngine  # noqa: E402
 
 from mlxbatch import models  # noqa: E402
-from mlxbatch.job import JobSpec  # noqa: E402
+from mlxbatch.job.spec import JobSpec  # noqa: E402
 from mlxbatch.runner import run_job  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxbatch.checkpoint import ERRORS, RESULTS, Checkpoint
+from mlxbatch.output.checkpoint import ERRORS, RESULTS, Checkpoint
 
 MANIFEST = {"input": {"sha256": "x"}, "settings": {}}
 

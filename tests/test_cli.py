@@ -10,9 +10,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import LONG, ROOT, read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import LONG, ROOT, read_jsonl, write_jsonl
 from mlxbatch.cli import app
 
 runner = CliRunner()

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 from typing import Literal, Optional
 
 import pytest
+from conftest import ROOT, read_jsonl, write_jsonl
 from pydantic import BaseModel, ConfigDict
 from typer.testing import CliRunner
 
-from conftest import ROOT, read_jsonl, write_jsonl
 from mlxbatch.cli import app
 
 runner = CliRunner()

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LONG, write_jsonl
 
 EXE = str(Path(sys.executable).with_name("mlxbatch"))

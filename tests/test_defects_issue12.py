@@ -12,14 +12,16 @@ import time
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from conftest import read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import read_jsonl, write_jsonl
-from mlxbatch import checkpoint, render, sink, source
-from mlxbatch.checkpoint import RESULTS, Checkpoint
 from mlxbatch.cli import app
 from mlxbatch.errors import OutputError
-from mlxbatch.job import JobSpec
+from mlxbatch.job import render, source
+from mlxbatch.job.spec import JobSpec
+from mlxbatch.output import checkpoint
+from mlxbatch.output import records as sink
+from mlxbatch.output.checkpoint import RESULTS, Checkpoint
 from mlxbatch.runner import run_job
 from mlxbatch.types import SamplingParams
 
@@ -41,7 +43,7 @@ def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
     src, out = write_jsonl(tmp_path / "in.jsonl", rows(6)), tmp_path / "out"
     assert cli("run", src, "-o", out, "--output-format", "completions", *TINY).exit_code == 0
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from mlxbatch.checkpoint import _lock\n"
+        "import sys, time; from pathlib import Path; from mlxbatch.output.checkpoint import _lock\n"
         f"fd = _lock(Path({str(out)!r})); print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -173,7 +175,7 @@ def test_export_skips_torn_tail_and_writes_splits_atomically(tmp_path, monkeypat
     res = cli("export", out, "--format", "completions", "--to", data, "--parquet")
     assert res.exit_code == 0 and "train 18, valid 2" in res.output, res.output
     before = {p.name: p.read_bytes() for p in data.iterdir()}
-    from mlxbatch import export as export_mod
+    from mlxbatch.output import export as export_mod
 
     def full(part, handle):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -294,6 +296,7 @@ def test_line_length_is_bounded(tmp_path):
 def test_commits_by_finished_rows_not_only_by_time(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     from standin import EchoEngine
+
     from mlxbatch import models
 
     src = write_jsonl(tmp_path / "in.jsonl", rows(3000))

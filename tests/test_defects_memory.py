@@ -19,7 +19,7 @@ CHILD = r"""
 import mlxbatch, sys, time
 from pathlib import Path
 from mlxbatch import models
-from mlxbatch.job import JobSpec
+from mlxbatch.job.spec import JobSpec
 from mlxbatch.runner import run_job
 from mlxbatch.types import SamplingParams
 

@@ -10,14 +10,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from gguf_names import gguf_name, permute
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from mlxbatch import gguf_arch, gguf_tokenizer, models
+from mlxbatch import models
 from mlxbatch.cli import app
 from mlxbatch.errors import ModelError
-
-from gguf_names import gguf_name, permute
+from mlxbatch.models.gguf import arch as gguf_arch
+from mlxbatch.models.gguf import tokenizer as gguf_tokenizer
 
 VOCAB = 320
 _BASE = dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=4,
@@ -202,7 +203,7 @@ def test_dequantized_tensors_stored_per_dtype(tmp_path, dtype, stored):
 
 
 def test_conversion_is_deterministic(tmp_path):
-    from mlxbatch import gguf as mgguf
+    from mlxbatch.models import gguf as mgguf
 
     path = tmp_path / "d.gguf"
     write_model(path, "llama", [Q.Q4_K, Q.Q5_0])
@@ -213,7 +214,7 @@ def test_conversion_is_deterministic(tmp_path):
 
 
 def test_progress_callback_reaches_total(tmp_path):
-    from mlxbatch import gguf as mgguf
+    from mlxbatch.models import gguf as mgguf
 
     path = tmp_path / "p.gguf"
     write_model(path, "qwen3", [Q.Q6_K])

@@ -7,13 +7,14 @@ import jinja2
 import jinja2.sandbox
 import mlx.core as mx
 import pytest
+from gguf_names import gguf_name, permute
 from typer.testing import CliRunner
 
-from mlxbatch import gguf, gguf_arch, models
+from mlxbatch import models
 from mlxbatch.cli import app
 from mlxbatch.errors import ModelError
-
-from gguf_names import gguf_name, permute
+from mlxbatch.models import gguf
+from mlxbatch.models.gguf import arch as gguf_arch
 
 CORPUS = [
     "Hello, world! 12345 and 3.14159 or 2026-11-21.",

@@ -10,11 +10,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import read_jsonl, write_jsonl
-from mlxbatch import checkpoint
 from mlxbatch.cli import app
+from mlxbatch.output import checkpoint
 
 runner = CliRunner()
 TINY = ["--model", "random:tiny", "--max-tokens", "6", "-q", "--batch-size", "4"]

@@ -8,14 +8,14 @@ import sys
 import orjson
 import pytest
 import typer
+from conftest import ROOT, read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import ROOT, read_jsonl, write_jsonl
 from mlxbatch import models
-from mlxbatch.checkpoint import ERRORS, RESULTS, Checkpoint
 from mlxbatch.cli import app
 from mlxbatch.errors import UsageError
-from mlxbatch.job import RULES, SAMPLING_KEYS, JobSpec, build_spec
+from mlxbatch.job.spec import RULES, SAMPLING_KEYS, JobSpec, build_spec
+from mlxbatch.output.checkpoint import ERRORS, RESULTS, Checkpoint
 from mlxbatch.types import SamplingParams
 
 runner = CliRunner()
@@ -187,7 +187,7 @@ def _module_imports(path, name: str) -> set:
             target = f"{base}.{sub.module}" if sub.module else base
             out |= {f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target for a in sub.names}
         elif isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("mlxbatch"):
-            out.add(sub.module)
+            out |= {f"{sub.module}.{a.name}" if _is_module(f"{sub.module}.{a.name}") else sub.module for a in sub.names}
         elif isinstance(sub, ast.Import):
             out |= {a.name for a in sub.names if a.name.startswith("mlxbatch")}
     return out
@@ -225,7 +225,7 @@ def test_no_import_cycle_in_mlxbatch():
     assert cycles == []
 
 
-@pytest.mark.parametrize("module", ["mlxbatch.report", "mlxbatch.source", "mlxbatch.job", "mlxbatch.export"])
+@pytest.mark.parametrize("module", ["mlxbatch.output.status", "mlxbatch.job.validate", "mlxbatch.job.source", "mlxbatch.job.spec", "mlxbatch.output.export"])
 def test_read_only_commands_import_no_mlx(module):
     code = (f"import sys, {module}; heavy = [m for m in sys.modules if m.split('.')[0] in "
             "('mlx', 'mlx_lm', 'transformers', 'torch')]; print(heavy); sys.exit(1 if heavy else 0)")
@@ -265,7 +265,7 @@ def test_export_order_input_streams_records_in_input_order(tmp_path):
 def test_export_order_input_holds_the_index_not_the_records(tmp_path):
     import tracemalloc
 
-    from mlxbatch.export import export
+    from mlxbatch.output.export import export
 
     folder = tmp_path / "job"
     _folder_out_of_order(folder, 3000, pad=2000)  # ~12 MB of records

@@ -6,14 +6,21 @@ import re
 import jsonschema
 import orjson
 import pytest
-from typer.testing import CliRunner
-
 from conftest import read_jsonl, write_jsonl
 from structured_data import PEOPLE, SCHEMA
+from typer.testing import CliRunner
+
 from mlxbatch import models
 from mlxbatch.cli import app
 from mlxbatch.engine import Engine, Request, SamplingParams
-from mlxbatch.grammar import GrammarError, Grammars, from_response_format, grammar_of, json_constraint, regex_constraint
+from mlxbatch.job.grammar import (
+    GrammarError,
+    Grammars,
+    from_response_format,
+    grammar_of,
+    json_constraint,
+    regex_constraint,
+)
 
 runner = CliRunner()
 TINY = ["--model", "random:tiny", "-q"]

@@ -18,14 +18,14 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import ROOT, read_jsonl, write_jsonl
-from mlxbatch.checkpoint import read_state
 from mlxbatch.cli import app
+from mlxbatch.cluster.routing import BLOCK_TOKENS, PrefixRouter
 from mlxbatch.errors import UsageError, WorkerError
-from mlxbatch.job import JobSpec, build_spec
-from mlxbatch.routing import BLOCK_TOKENS, PrefixRouter
+from mlxbatch.job.spec import JobSpec, build_spec
+from mlxbatch.output.checkpoint import read_state
 from mlxbatch.runner import run_job
 from mlxbatch.types import SamplingParams
 
@@ -105,7 +105,7 @@ def test_two_workers_write_one_record_per_row_with_the_one_process_outputs(rows4
 
 
 def test_rows_on_one_document_run_on_one_worker_and_the_load_is_shared(tmp_path):
-    from mlxbatch.workers import WorkerPool
+    from mlxbatch.cluster.pool import WorkerPool
 
     rows = []  # 4 questions in a row on each document (least-loaded alone would alternate them), 2 others
     for d in range(60):
@@ -147,7 +147,7 @@ def test_constrained_rows_and_bad_rows_through_workers(tmp_path):
 
 
 def test_no_ray_import_without_workers():
-    code = ("import sys, mlxbatch.cli, mlxbatch.runner, mlxbatch.job; "
+    code = ("import sys, mlxbatch.cli, mlxbatch.runner, mlxbatch.job.spec; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -270,7 +270,7 @@ def test_sigint_stops_commits_and_leaves_no_ray_behind(rows400, fast_commits, tm
 
 # ------------------------------------------------------------ every worker lost
 def test_when_every_worker_is_lost_the_job_commits_and_a_rerun_completes(rows400, tmp_path, capfd):
-    from mlxbatch.workers import WorkerPool
+    from mlxbatch.cluster.pool import WorkerPool
 
     spec = JobSpec(input=rows400, output=tmp_path / "out", model="random:tiny", raw=True, batch_size=16,
                    workers=2, sampling=SamplingParams(max_tokens=4)).validate()
@@ -286,7 +286,7 @@ def test_when_every_worker_is_lost_the_job_commits_and_a_rerun_completes(rows400
 
 # ------------------------------------------------------------ driver overhead
 def test_driver_moves_over_5000_rows_a_second_with_a_stand_in_engine(tmp_path):
-    from mlxbatch.workers import pool_factory
+    from mlxbatch.cluster.pool import pool_factory
 
     n = 20_000
     src = tmp_path / "rows.jsonl"
@@ -347,7 +347,7 @@ def test_missing_ray_says_how_to_install_it(two_rows, tmp_path, no_model, monkey
                               "--workers", "2"])
     assert res.exit_code == 2, res.output
     assert "--workers needs Ray, which is not installed: pip install 'mlxbatch[ray]'" in res.output
-    from mlxbatch.cluster import require_ray
+    from mlxbatch.cluster.session import require_ray
 
     with pytest.raises(UsageError):
         require_ray()
@@ -379,7 +379,7 @@ def test_rows_sharing_a_prefix_go_to_one_worker_unless_it_is_a_batch_busier():
 def test_each_worker_asks_for_a_gpu_or_a_share_or_a_cpu_spread_over_machines(resources, workers, expected):
     from types import SimpleNamespace
 
-    from mlxbatch.cluster import Session
+    from mlxbatch.cluster.session import Session
 
     session = Session.__new__(Session)
     session.ray = SimpleNamespace(cluster_resources=lambda: resources)
@@ -393,7 +393,7 @@ def test_each_worker_asks_for_a_gpu_or_a_share_or_a_cpu_spread_over_machines(res
 def test_a_worker_of_another_mlxbatch_is_refused_by_name():
     from types import SimpleNamespace
 
-    from mlxbatch.workers import WorkerPool, _Slot
+    from mlxbatch.cluster.pool import WorkerPool, _Slot
 
     pool = object.__new__(WorkerPool)  # only _started's inputs: no Ray needed
     pool.lm = SimpleNamespace(name="random:tiny", weights_hash="ab" * 32, dtype="float32")
@@ -401,7 +401,7 @@ def test_a_worker_of_another_mlxbatch_is_refused_by_name():
            "max_batch": 64, "backend": "cpu", "forward": ""}  # a worker from before the protocol field
     with pytest.raises(WorkerError, match=r"worker 1 on mac-2 runs mlxbatch 0.1.0 \(protocol 1\).*same mlxbatch"):
         pool._started(_Slot(0, 0), old)
-    from mlxbatch.worker import PROTOCOL
+    from mlxbatch.cluster.actor import PROTOCOL
 
     slot = _Slot(0, 0)
     pool._started(slot, {**old, "protocol": PROTOCOL})

@@ -5,7 +5,7 @@ Modules: `core` (the engine loop: admission, prefill, decode, completion),
 buffers and the model seam), `fused` (the lean forward pass), `sampling`.
 """
 
-from ..types import Completion, EngineStats, Request, SamplingParams
-from .core import Engine
+from mlxbatch.engine.core import Engine
+from mlxbatch.types import Completion, EngineStats, Request, SamplingParams
 
 __all__ = ["Completion", "Engine", "EngineStats", "Request", "SamplingParams"]

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from ..models import LoadedModel
-from ..types import Completion, EngineStats, Request
-from .kvcache import BatchCache, SharedPrefix
-from .model_runner import ForwardOptions, ModelRunner, default_options
-from .prefix_cache import PrefixCache
-from .sampling import RowParams, allowed_tokens, sample
-from .scheduler import Scheduler, Unit, token_key
+from mlxbatch.engine.kvcache import BatchCache, SharedPrefix
+from mlxbatch.engine.model_runner import ForwardOptions, ModelRunner, default_options
+from mlxbatch.engine.prefix_cache import PrefixCache
+from mlxbatch.engine.sampling import RowParams, allowed_tokens, sample
+from mlxbatch.engine.scheduler import Scheduler, Unit, token_key
+from mlxbatch.models import LoadedModel
+from mlxbatch.types import Completion, EngineStats, Request
 
 DEFAULT_PREFILL_CHUNK = 512
 GPU_MAX_BATCH, CPU_MAX_BATCH = 512, 64  # rows decoded together by default

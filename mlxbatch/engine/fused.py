@@ -18,7 +18,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import AttendOptions, additive, attend
+from mlxbatch.engine.attention import AttendOptions, additive, attend
 
 
 class FusedProjection:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .attention import cascade_function
+from mlxbatch.engine.attention import cascade_function
 
 _GROW = 256  # columns added at a time to long rows, as mlx-lm's caches do
 # With `full_buffer`, attention runs over the whole buffer (unused columns masked), so its

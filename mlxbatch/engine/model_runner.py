@@ -17,9 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .attention import AttendOptions
-from .fused import DecodePlan, fuse, hidden_states
-from .kvcache import BatchCache
+from mlxbatch.engine.attention import AttendOptions
+from mlxbatch.engine.fused import DecodePlan, fuse, hidden_states
+from mlxbatch.engine.kvcache import BatchCache
 
 # Architectures whose mlx-lm Model is `model.model(...)` then lm_head / tied embedding.
 _FAST_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .kvcache import SharedPrefix
+from mlxbatch.engine.kvcache import SharedPrefix
 
 
 class PrefixCache:

@@ -3,7 +3,7 @@
 Owns: temperature, top-k, top-p, min-p per row, greedy and sampled rows mixed,
 and a counter-based random stream per row (seed, token index, vocab index), so
 a row's samples do not depend on which batch it lands in. Does not own: stop
-detection (engine.py).
+detection (engine/core.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ rows sharing a prefix sit next to each other (a sorted array does the work of a
 radix tree here: the rows with the longest common prefix with any row are its
 neighbours). A unit is formed around the oldest waiting row (no starvation):
 its prefix-sharing neighbours, then the closest in length (less padding), under
-a row and a prefill-token cap. Does not own: running the model (engine.py).
+a row and a prefill-token cap. Does not own: running the model (engine/core.py).
 """
 
 from __future__ import annotations

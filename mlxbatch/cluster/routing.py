@@ -3,7 +3,7 @@
 Owns: keys for a prompt's prefixes (a chained hash at every 64-token block boundary), which
 worker owns each key (bounded: the oldest are forgotten), and the choice: the owner of the
 deepest known key, unless it is more than about a batch busier than the least-loaded worker.
-Does not own: the workers or their loads (workers.py passes them in).
+Does not own: the workers or their loads (cluster/pool.py passes them in).
 """
 
 from __future__ import annotations

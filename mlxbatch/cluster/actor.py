@@ -1,9 +1,9 @@
-"""One worker of a `--workers` job: the body of a Ray actor (workers.py wraps it with `ray.remote`).
+"""One worker of a `--workers` job: the body of a Ray actor (cluster/pool.py wraps it with `ray.remote`).
 
 Owns: loading the model once, building the engine (an import path, so tests can use a stand-in),
 building each constrained request's grammar guide here (guides do not pickle; constraints do),
 and stepping the engine in time-boxed calls: one round trip per call, not per step. Does not own:
-which rows come here (workers.py) or anything written to disk (the driver is the single writer).
+which rows come here (cluster/pool.py) or anything written to disk (the driver is the single writer).
 Imports no Ray: it runs and is tested as a plain object too.
 """
 
@@ -15,8 +15,8 @@ import os
 import socket
 import time
 
-from . import __version__, models
-from .types import Completion, EngineStats, Request
+from mlxbatch import __version__, models
+from mlxbatch.types import Completion, EngineStats, Request
 
 DEFAULT_ENGINE = "mlxbatch.engine:Engine"
 PROTOCOL = 2  # the shape of start()'s and work()'s answers: the driver refuses a worker with another
@@ -70,7 +70,7 @@ class Worker:
         if constraint is None:
             return None
         if self.grammars is None:
-            from .grammar import Grammars
+            from mlxbatch.job.grammar import Grammars
 
             self.grammars = Grammars(self.tokenizer)  # compiles each distinct constraint once
         return self.grammars.guide(constraint)

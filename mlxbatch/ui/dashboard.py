@@ -15,8 +15,8 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from .stats import JobStats, fmt_duration
-from .types import WorkerStatus
+from mlxbatch.types import WorkerStatus
+from mlxbatch.ui.stats import JobStats, fmt_duration
 
 _LIVE_HZ = 4.0
 _PLAIN_SECONDS = 5.0

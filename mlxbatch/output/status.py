@@ -1,21 +1,22 @@
-"""Read-only reports: `status` of an output folder, `validate` of an input file.
+"""`mlxbatch status`: what an output folder holds, as text.
 
-Owns: text for those two commands. Does not own: the commit protocol
-(checkpoint.py) or row rules (render.py; validate uses them without a model).
+Owns: the status report. Reads rows through the journal (output/checkpoint.py), the one truth
+of what is committed. Does not own: the commit protocol.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-
-from . import source
-from .checkpoint import MANIFEST, journal_rows, lock_holder, read_manifest, read_state
-from .errors import InputFileError, RowError
-from .job import JobSpec
-from .ids import IdSet, written_id
-from .render import Renderer, raw_id
-from .stats import fmt_duration
+from mlxbatch.errors import InputFileError
+from mlxbatch.output.checkpoint import (
+    MANIFEST,
+    journal_rows,
+    lock_holder,
+    read_manifest,
+    read_state,
+)
+from mlxbatch.ui.stats import fmt_duration
 
 
 def job_status(folder: Path) -> str:
@@ -48,26 +49,3 @@ def job_status(folder: Path) -> str:
         lines.append(f"resume:    mlxbatch run {manifest['input']['path']} --output {folder} "
                      "(with the same options as the first run)")
     return "\n".join(lines)
-
-
-def validate_input(spec: JobSpec, *, max_problems: int) -> tuple[str, int]:
-    """Every row of `spec.input` through the same rules a run applies, except token counts."""
-    path, id_field = spec.input, spec.id_field
-    renderer = Renderer(spec, None, context_length=1 << 62)
-    problems, shown, rows, seen = 0, [], 0, IdSet()
-    for row in source.read_rows(path):
-        rows += 1
-        try:
-            rid = written_id(row, id_field)  # as `run` does: ids compared as written, before other checks
-            if rid is not None and not seen.add(rid):
-                raise RowError("duplicate_id", f"line {row.line}: id {raw_id(row, id_field)!r} appeared earlier "
-                               "in the input (ids are compared as written: 77 and \"77\" are one id)")
-            if isinstance(err := renderer.render_many([row])[0], RowError):
-                raise err
-        except RowError as err:
-            problems += 1
-            if len(shown) < max_problems:
-                shown.append(f"  {path}:{row.line}: [{err.code}] {err.message}")
-    head = f"{path}: {rows:,} rows, {problems:,} with problems"
-    more = [f"  ... and {problems - len(shown):,} more"] if problems > len(shown) else []
-    return "\n".join([head, *shown, *more]), problems

@@ -36,9 +36,9 @@ def _install_exit_handlers() -> None:
 # The console script installs the same handlers in mlxbatch/__init__.py, before any slow import.
 import typer  # noqa: E402
 
-from . import exits
-from .errors import EXIT_INTERRUPTED, MlxbatchError
-from .types import SamplingParams
+from mlxbatch import exits
+from mlxbatch.errors import EXIT_INTERRUPTED, MlxbatchError
+from mlxbatch.types import SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a local LLM over a big file of prompts, resumably (MLX).")
@@ -100,12 +100,12 @@ def run(
     """Run (or resume) a job: one output record per input row."""
     import gc
 
-    from .dashboard import Dashboard
-    from .job import build_spec
+    from mlxbatch.job.spec import build_spec
+    from mlxbatch.ui.dashboard import Dashboard
 
     try:
         spec = build_spec(job, _options(ctx, "job", "quiet"))  # checked before the model loads
-        from .runner import run_job
+        from mlxbatch.runner import run_job
 
         with Dashboard(quiet=quiet) as dash:
             try:
@@ -128,7 +128,7 @@ def _options(ctx: typer.Context, *skip: str) -> dict:
 @app.command()
 def status(folder: Path = typer.Argument(..., help="a job's output folder")) -> None:
     """Rows done / total, errors, tokens, throughput, and how to resume."""
-    from .report import job_status
+    from mlxbatch.output.status import job_status
 
     try:
         typer.echo(job_status(folder))
@@ -147,8 +147,8 @@ def validate(
     max_problems: int = typer.Option(50, "--max-problems", help="problems to list (all are counted)"),
 ) -> None:
     """Check every row without loading a model; non-zero exit if any row is bad."""
-    from .job import build_spec
-    from .report import validate_input
+    from mlxbatch.job.spec import build_spec
+    from mlxbatch.job.validate import validate_input
 
     try:
         spec = build_spec(job, _options(ctx, "job", "max_problems"))
@@ -172,7 +172,7 @@ def bench(
     repeat: int = typer.Option(3, "--repeat", min=1, help="timed runs per MLX system; the median is reported"),
 ) -> None:
     """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
-    from .bench import run_bench
+    from mlxbatch.bench import run_bench
 
     try:
         typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
@@ -195,7 +195,7 @@ def export_cmd(
     parquet: bool = typer.Option(False, "--parquet", help="also write .parquet files"),
 ) -> None:
     """Write train/valid files that mlx-lm's LoRA trainer (and TRL) read as they are."""
-    from .export import export
+    from mlxbatch.output.export import export
 
     try:
         info = export(folder, fmt=fmt, split=split, to=to, drop_truncated=drop_truncated, dedupe=dedupe,
@@ -209,7 +209,7 @@ def export_cmd(
 @models_app.command("list")
 def models_list() -> None:
     """Models in the cache."""
-    from . import models
+    from mlxbatch import models
 
     rows = models.list_cached()
     typer.echo(f"cache: {models.models_dir()}")
@@ -225,7 +225,12 @@ class _ConvertProgress:
 
     def __enter__(self):
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress("converting", BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=True,
                             console=Console(stderr=True))
@@ -250,7 +255,7 @@ _DTYPE_HELP = "storage for dequantized tensors: auto|bf16|fp16|fp32|q4|q8 (auto:
 def models_pull(name: str = typer.Argument(..., help="a built-in name (smollm2-135m, gemma3-270m) or a Hugging Face repo id"),
                 dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP)) -> None:
     """Download (and convert) a model into the cache."""
-    from . import models
+    from mlxbatch import models
 
     try:
         with _ConvertProgress() as progress:
@@ -263,7 +268,7 @@ def models_pull(name: str = typer.Argument(..., help="a built-in name (smollm2-1
 def models_import(file: Path = typer.Argument(..., help="a llama.cpp .gguf file"),
                   dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP)) -> None:
     """Convert a GGUF file into the cache (once; later runs reuse it)."""
-    from . import models
+    from mlxbatch import models
 
     try:
         with _ConvertProgress() as progress:
@@ -276,7 +281,7 @@ def models_import(file: Path = typer.Argument(..., help="a llama.cpp .gguf file"
 def models_info(name: str = typer.Argument(...), dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP)) -> None:
     """Where a model lives, its size, architecture, quantization; for GGUF imports the
     tensor types found and how each was converted."""
-    from . import models
+    from mlxbatch import models
 
     try:
         if name.startswith("random:"):

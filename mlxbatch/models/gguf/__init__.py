@@ -3,9 +3,9 @@
 Owns: reading metadata and tensors (llama.cpp's `gguf` package; `mx.load` when
 MLX reads every tensor type of the file itself), dequantizing K-quants and the
 other block types, storing tensors in the chosen dtype, and writing config,
-weights, tokenizer and a provenance file. Architectures live in gguf_arch.py,
-tokenizers in gguf_tokenizer.py. Does not own: where the folder lives or when
-to convert (models.py), progress display (the caller passes a callback).
+weights, tokenizer and a provenance file. Architectures live in models/gguf/arch.py,
+tokenizers in models/gguf/tokenizer.py. Does not own: where the folder lives or when
+to convert (models/__init__.py), progress display (the caller passes a callback).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Callable
 
 import mlx.core as mx
 
-from . import gguf_arch, gguf_tokenizer
-from .errors import ModelError
+from mlxbatch.errors import ModelError
+from mlxbatch.models.gguf import arch as gguf_arch
+from mlxbatch.models.gguf import tokenizer as gguf_tokenizer
 
 FORMAT = "mlxbatch-gguf-import v2"
 # What `mx.load` reads natively (Q4_0/Q4_1/Q8_0 arrive as exact MLX affine triples).

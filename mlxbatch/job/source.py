@@ -3,7 +3,7 @@
 Owns: opening the input, counting rows cheaply, and yielding one `Row` per
 input row in order (a parsed dict, or the reason it could not be parsed), in
 constant memory whatever the file size. Does not own: what the fields mean
-(render.py).
+(job/render.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Iterator
 
 import orjson
 
-from .errors import InputFileError, RowError
-from .types import Row
+from mlxbatch.errors import InputFileError, RowError
+from mlxbatch.types import Row
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 MAX_LINE_BYTES = 8 << 20  # a longer line is a row error, read past in blocks (never held whole)

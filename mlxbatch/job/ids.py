@@ -3,7 +3,7 @@
 Owns: `written_id` (the id string a row's record carries: its id field as text,
 its OpenAI custom_id, or `line-N`) and `IdSet`. `run` and `validate` both use
 them, so `{"id": 77}` and `{"id": "77"}`, or a row without an id on line 95 and
-a row whose id is "line-95", are one id. Does not own: validating ids (render.py).
+a row whose id is "line-95", are one id. Does not own: validating ids (job/render.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from .render import raw_id
-from .source import Row
+from mlxbatch.job.render import raw_id
+from mlxbatch.job.source import Row
 
 
 def written_id(row: Row, id_field: str) -> str | None:

@@ -6,7 +6,7 @@ prompts), filtering (token-limit hits, exact duplicates), a seeded split, and
 writing JSONL (and Parquet if asked) in the shapes mlx-lm's LoRA trainer and
 TRL read; `--order input` streams the records in input-row order (the journal
 sorted by row, records read by offset). Does not own: generating the records
-(runner.py) or the journal's layout (checkpoint.py).
+(runner.py) or the journal's layout (output/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,20 @@ from pathlib import Path
 
 import orjson
 
-from .checkpoint import _OFFSET_MASK, FILES, JOURNAL, _journal_entries, read_bytes
-from .checkpoint import RESULTS, RESULTS_FILE, committed_lines, create_temp, io_error, publish
-from .errors import InputFileError, UsageError
+from mlxbatch.errors import InputFileError, UsageError
+from mlxbatch.output.checkpoint import (
+    _OFFSET_MASK,
+    FILES,
+    JOURNAL,
+    RESULTS,
+    RESULTS_FILE,
+    _journal_entries,
+    committed_lines,
+    create_temp,
+    io_error,
+    publish,
+    read_bytes,
+)
 
 SHAPES = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
 _BOOKKEEPING = ("finish_reason", "sample")

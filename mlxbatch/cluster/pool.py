@@ -1,8 +1,8 @@
 """Several engines as one: `WorkerPool` has Engine's interface and runs the rows on Ray actors.
 
-Owns: starting one actor per worker (each loads the model once and runs an engine, worker.py),
+Owns: starting one actor per worker (each loads the model once and runs an engine, cluster/actor.py),
 checking they all load what the driver's manifest names, routing requests (prefix affinity,
-routing.py; all samples of a row together), up to two calls in flight per worker with about two
+cluster/routing.py; all samples of a row together), up to two calls in flight per worker with about two
 batches outstanding, faults (a lost worker is killed for good, its rows go back to the front
 of the queue, a replacement starts, up to a bound), the summed engine counters and each
 worker's status for the dashboard. Does not own: reading, rendering or writing rows; the
@@ -19,12 +19,12 @@ from functools import partial
 from itertools import groupby
 from pathlib import Path
 
-from . import __version__
-from .cluster import Session
-from .errors import ModelError, WorkerError
-from .routing import PrefixRouter
-from .types import Completion, EngineStats, Request, WorkerStatus
-from .worker import DEFAULT_ENGINE, PROTOCOL, Worker
+from mlxbatch import __version__
+from mlxbatch.cluster.actor import DEFAULT_ENGINE, PROTOCOL, Worker
+from mlxbatch.cluster.routing import PrefixRouter
+from mlxbatch.cluster.session import Session
+from mlxbatch.errors import ModelError, WorkerError
+from mlxbatch.types import Completion, EngineStats, Request, WorkerStatus
 
 BUDGET_S = 0.3  # each call steps its engine this long: one round trip per worker per 0.3 s
 MAX_RESTARTS = 3  # per worker: a worker that keeps failing is given up

@@ -4,7 +4,7 @@ Owns: reading a constraint (OpenAI `response_format`, a `--json-schema` file, `-
 `Constraint`, checking it without a model (`validate`, usage errors before the model loads),
 compiling it once per distinct constraint for the model's tokenizer, the per-row `Guide` (the
 grammar's state) and the token bitmask a batch of guides fills at once. Does not own: applying
-the mask to logits (engine/sampling.py) or parsing outputs (sink.py).
+the mask to logits (engine/sampling.py) or parsing outputs (output/records.py).
 
 Why llguidance (over xgrammar and outlines-core): MIT, abi3 wheels (one per platform for every
 Python), no torch; the bitmask of a whole batch is filled in Rust threads (~2-3 ms for 256 rows
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from .types import Constraint
+from mlxbatch.types import Constraint
 
 ANY_JSON_OBJECT = {"type": "object"}  # OpenAI's {"type": "json_object"}
 # JSON laid out as json.dumps does, no free whitespace: small models otherwise loop on blank lines until

@@ -20,11 +20,11 @@ from pathlib import Path
 import mlx.core as mx
 import orjson
 
-from . import models
-from .errors import UsageError
-from .job import JobSpec
-from .types import SamplingParams
-from .engine.scheduler import common_prefix, token_key
+from mlxbatch import models
+from mlxbatch.engine.scheduler import common_prefix, token_key
+from mlxbatch.errors import UsageError
+from mlxbatch.job.spec import JobSpec
+from mlxbatch.types import SamplingParams
 
 _WARMUP_TOKENS = 8
 _WORDS = ("river stone market winter signal garden copper lantern orbit meadow harbor engine velvet "
@@ -85,7 +85,7 @@ class _NoEos:
 
 
 def _run_mlxbatch(lm, messages, max_tokens: int, batch: int) -> dict:
-    from .runner import run_job
+    from mlxbatch.runner import run_job
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.jsonl"

@@ -3,7 +3,7 @@
 Owns: per-architecture tensor renaming, the layout fixes llama.cpp's converter
 applied (llama's Q/K row permutation, Gemma's `1 + w` norms), and config.json
 built from `{arch}.*` metadata (rope scaling, sliding windows, soft-capping,
-QK-norm, tied embeddings). Does not own: reading or dequantizing tensors (gguf.py).
+QK-norm, tied embeddings). Does not own: reading or dequantizing tensors (models/gguf/__init__.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .errors import ModelError
+from mlxbatch.errors import ModelError
 
 _COMMON = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

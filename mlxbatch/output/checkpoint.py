@@ -8,7 +8,7 @@ them. Recovery keeps the journal entries whose records are wholly on disk (end
 on a newline, no NUL bytes before them, the newest ones parse), truncates every
 file back to them (dropping torn, garbage or damaged tails) and marks those rows
 done. Nothing here follows a symbolic link. Does not own: what a record looks
-like (sink.py).
+like (output/records.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from .errors import OutputError, ResumeError
+from mlxbatch.errors import OutputError, ResumeError
 
 RESULTS_FILE, ERRORS_FILE = "results.jsonl", "errors.jsonl"
 FILES = (RESULTS_FILE, ERRORS_FILE)

@@ -23,9 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import gguf
-from .errors import ModelError, UsageError
-from .types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job.py needs no MLX)
+from mlxbatch.errors import ModelError, UsageError
+from mlxbatch.models import gguf
+from mlxbatch.types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job/spec.py needs no MLX)
 
 _FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
 
@@ -234,7 +234,7 @@ def random_tokenizer_dir() -> Path:
         return dest
 
     def build(target: Path) -> None:
-        asset = Path(__file__).parent / "assets" / "smollm2-tokenizer.json.gz"
+        asset = Path(__file__).parents[1] / "assets" / "smollm2-tokenizer.json.gz"
         files = json.loads(gzip.decompress(asset.read_bytes()))
         target.mkdir()
         (target / "tokenizer.json").write_text(files["tokenizer.json"], encoding="utf-8")

@@ -1,11 +1,11 @@
 """The Ray session of a `--workers` job: join a cluster or start a local one, place actors, leave.
 
-Owns: importing Ray (only here and in workers.py, only when `--workers` is used), the message
+Owns: importing Ray (only here and in cluster/pool.py, only when `--workers` is used), the message
 when it is missing, starting a small quiet local instance or joining one by address, what each
 worker actor asks for (a GPU each where the cluster has enough, an even share where it has fewer,
 else a CPU; spread over nodes), and ending a local instance on every exit path, signals and
-`os._exit` included (exits.py). Does not own: the actors' work (worker.py) or routing rows to
-them (workers.py).
+`os._exit` included (exits.py). Does not own: the actors' work (cluster/actor.py) or routing rows to
+them (cluster/pool.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import signal
 import subprocess
 
-from . import exits
-from .errors import UsageError, WorkerError
+from mlxbatch import exits
+from mlxbatch.errors import UsageError, WorkerError
 
 INSTALL_HINT = "pip install 'mlxbatch[ray]'"
 _STORE_BYTES = 128 << 20  # requests and completions are small; the object store need not take 30% of memory

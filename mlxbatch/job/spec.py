@@ -4,7 +4,7 @@ Owns: the rules every setting's value must follow (`RULES`, one table checked fo
 options, job-file keys and per-row fields alike), job-file loading (unknown keys are errors), the
 output folder default, and the settings a resume must match (derived from the fields). The job
 file is flat: sampling keys (max_tokens, temperature, ...) sit beside the others. Does not own:
-running the job (runner.py) or reading rows (render.py applies the same rules to them).
+running the job (runner.py) or reading rows (job/render.py applies the same rules to them).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import UsageError
-from .types import DEFAULT_MODEL, DTYPES, SamplingParams
+from mlxbatch.errors import UsageError
+from mlxbatch.types import DEFAULT_MODEL, DTYPES, SamplingParams
 
 OUTPUT_FORMATS = ("results", "openai", "chat", "completions", "text")
 MAX_N = 256
@@ -193,7 +193,12 @@ class JobSpec:
 
     def _constraint(self):
         """The job-wide constraint, checked now: a bad schema or regex stops before the model loads."""
-        from .grammar import GrammarError, grammar_of, load_schema_file, regex_constraint
+        from mlxbatch.job.grammar import (
+            GrammarError,
+            grammar_of,
+            load_schema_file,
+            regex_constraint,
+        )
 
         if self.json_schema and self.regex:
             raise UsageError("--json-schema and --regex are exclusive: give one")

@@ -3,12 +3,12 @@
 Owns: BPE ("gpt2": byte-level, with llama.cpp's pre-tokenizer regexes) and
 SentencePiece ("llama": merges by piece score, byte fallback) vocabularies,
 their special tokens, and tokenizer_config.json (BOS/EOS, chat template).
-Does not own: reading the file (gguf.py) or model weights.
+Does not own: reading the file (models/gguf/__init__.py) or model weights.
 """
 
 from __future__ import annotations
 
-from .errors import ModelError
+from mlxbatch.errors import ModelError
 
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 SPIECE_SPACE = "\u2581"  # SentencePiece's visible space, "▁"

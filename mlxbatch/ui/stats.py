@@ -1,7 +1,7 @@
 """Job progress numbers, shared by the runner (writes) and the dashboard (reads).
 
 Owns: counters, rates over a sliding window and overall, ETA, memory. Does not
-own: presenting them (dashboard.py).
+own: presenting them (ui/dashboard.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from .types import EngineStats, WorkerStatus
+from mlxbatch.types import EngineStats, WorkerStatus
 
 _WINDOW_SECONDS = 10.0
 

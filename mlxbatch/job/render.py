@@ -4,7 +4,7 @@ Owns: recognising the three row shapes (plain prompt, chat messages, OpenAI
 Batch request line), validating fields with messages that name the line and
 field, chat templating (transformers' sandboxed Jinja, through mlx-lm's
 tokenizer), per-row sampling overrides and per-sample seeds. Does not own:
-reading files (source.py) or running the model (engine.py).
+reading files (job/source.py) or running the model (engine/core.py).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
-from .deadline import TimeLimitExceeded, time_limit
-from .errors import RowError
-from .grammar import GrammarError, from_response_format, grammar_of
-from .job import ROW_KEYS, RULES, JobSpec, logprobs_setting
-from .types import Item, Row, SamplingParams
+from mlxbatch.errors import RowError
+from mlxbatch.job.deadline import TimeLimitExceeded, time_limit
+from mlxbatch.job.grammar import GrammarError, from_response_format, grammar_of
+from mlxbatch.job.spec import ROW_KEYS, RULES, JobSpec, logprobs_setting
+from mlxbatch.types import Item, Row, SamplingParams
 
 OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}

@@ -5,7 +5,7 @@ text_completion bodies, with logprobs in OpenAI's shape), the finetuning shapes
 mlx-lm's LoRA trainer reads (`chat`, `completions`, `text`), error records, which
 fields a format generates (kept input fields may not clash with them), and
 streaming results.parquet from committed records. Does not own: durability or
-file names (checkpoint.py).
+file names (output/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,18 @@ from pathlib import Path
 
 import orjson
 
-from .checkpoint import PARQUET, RESULTS, io_error, committed_end, committed_lines, create_temp, publish
-from .errors import UsageError
-from .render import Item
-from .types import Completion
+from mlxbatch.errors import UsageError
+from mlxbatch.job.render import Item
+from mlxbatch.output.checkpoint import (
+    PARQUET,
+    RESULTS,
+    committed_end,
+    committed_lines,
+    create_temp,
+    io_error,
+    publish,
+)
+from mlxbatch.types import Completion
 
 _DUMP = orjson.OPT_APPEND_NEWLINE
 
