@@ -44,9 +44,9 @@ from mlxbatch.output.checkpoint import (
     RESULTS,
     Checkpoint,
     make_state,
-    open_append,
     read_state,
 )
+from mlxbatch.output.fs import open_append
 from mlxbatch.output.records import RecordMaker, check_kept_fields, write_parquet
 from mlxbatch.ui.stats import JobStats
 

@@ -16,10 +16,10 @@ from conftest import read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
 from mlxbatch.cli import app
-from mlxbatch.errors import OutputError
+from mlxbatch.errors import OutputError, ResumeError
 from mlxbatch.job import render, source
 from mlxbatch.job.spec import JobSpec
-from mlxbatch.output import checkpoint
+from mlxbatch.output import journal
 from mlxbatch.output import records as sink
 from mlxbatch.output.checkpoint import RESULTS, Checkpoint
 from mlxbatch.runner import run_job
@@ -43,8 +43,8 @@ def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
     src, out = write_jsonl(tmp_path / "in.jsonl", rows(6)), tmp_path / "out"
     assert cli("run", src, "-o", out, "--output-format", "completions", *TINY).exit_code == 0
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from mlxbatch.output.checkpoint import _lock\n"
-        f"fd = _lock(Path({str(out)!r})); print('held', flush=True); time.sleep(120)")],
+        "import sys, time; from pathlib import Path; from mlxbatch.output.fs import lock\n"
+        f"fd = lock(Path({str(out)!r})); print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -65,7 +65,7 @@ def test_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
 
 def test_lock_is_taken_before_restart_deletes(tmp_path):
     Checkpoint.open(tmp_path / "o", MANIFEST).commit()  # a first run, still open (holds the lock)
-    with pytest.raises(checkpoint.ResumeError, match="in use"):
+    with pytest.raises(ResumeError, match="in use"):
         Checkpoint.open(tmp_path / "o", MANIFEST, restart=True)
     assert (tmp_path / "o" / "manifest.json").exists()
 
@@ -304,7 +304,7 @@ def test_commits_by_finished_rows_not_only_by_time(tmp_path):
                    commit_seconds=3600).validate()
     seen = []
     run_job(spec, lm=models.load("random:tiny"), engine_factory=EchoEngine,
-            progress=lambda s: seen.append(checkpoint.journal_rows(tmp_path / "out")))
+            progress=lambda s: seen.append(journal.read(tmp_path / "out").num_rows))
     assert max(seen) > 0  # committed before the end, although the commit interval is an hour
 
 

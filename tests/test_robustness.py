@@ -14,7 +14,7 @@ from conftest import read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
 from mlxbatch.cli import app
-from mlxbatch.output import checkpoint
+from mlxbatch.output import fs
 
 runner = CliRunner()
 TINY = ["--model", "random:tiny", "--max-tokens", "6", "-q", "--batch-size", "4"]
@@ -50,10 +50,10 @@ def test_io_fault_exits_cleanly_and_resumes(tmp_path, monkeypatch, target, code,
     src, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"
     job = tmp_path / "job.toml"
     job.write_text("commit_seconds = 0\n")  # commit every step, so the k-th call lands mid-run
-    real = {"append": checkpoint.append, "fsync": checkpoint.fsync, "replace": os.replace}[target]
+    real = {"append": fs.append, "fsync": fs.fsync, "replace": os.replace}[target]
     k = 3 if target != "replace" else 2
     with monkeypatch.context() as m:
-        where = (checkpoint.os, "replace") if target == "replace" else (checkpoint, target)
+        where = (fs.os, "replace") if target == "replace" else (fs, target)
         m.setattr(*where, _failing(real, k, code, persistent))
         res = cli("run", src, "-o", out, "--job", job, *TINY)
     assert res.exit_code == 1, res.output

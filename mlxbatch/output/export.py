@@ -6,31 +6,21 @@ prompts), filtering (token-limit hits, exact duplicates), a seeded split, and
 writing JSONL (and Parquet if asked) in the shapes mlx-lm's LoRA trainer and
 TRL read; `--order input` streams the records in input-row order (the journal
 sorted by row, records read by offset). Does not own: generating the records
-(runner.py) or the journal's layout (output/checkpoint.py).
+(runner.py) or the journal (output/journal.py, whose reader gives the committed rows).
 """
 
 from __future__ import annotations
 
+import os
 import random
-from array import array
 from pathlib import Path
 
 import orjson
 
 from mlxbatch.errors import InputFileError, UsageError
-from mlxbatch.output.checkpoint import (
-    _OFFSET_MASK,
-    FILES,
-    JOURNAL,
-    RESULTS,
-    RESULTS_FILE,
-    _journal_entries,
-    committed_lines,
-    create_temp,
-    io_error,
-    publish,
-    read_bytes,
-)
+from mlxbatch.output import fs, journal
+from mlxbatch.output.fs import create_temp, io_error, publish
+from mlxbatch.output.journal import FILES, JOURNAL, RESULTS, RESULTS_FILE
 
 SHAPES = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
 _BOOKKEEPING = ("finish_reason", "sample")
@@ -40,9 +30,9 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 def _records(folder: Path):
     """Committed records only: a running (or killed) job's uncommitted tail is never read."""
-    if not (folder / RESULTS_FILE).exists():
+    if not os.path.lexists(folder / RESULTS_FILE):  # a link is refused by the journal's reader
         raise InputFileError(f"{folder}: no {RESULTS_FILE} (is this a job output folder?)")
-    for line in committed_lines(folder, RESULTS):
+    for line in journal.read(folder).lines(RESULTS):
         yield orjson.loads(line)
 
 
@@ -105,31 +95,14 @@ def _kept(records, fmt: str, *, drop_truncated: bool, dedupe: bool, dropped: dic
 
 
 # ------------------------------------------------------------ input order, streaming
-def _row_spans(folder: Path):
-    """(file id, start, end) of each committed row's records, by input row: the journal sorted by row.
-
-    Memory: three small arrays of one entry per row (the index), never the records themselves.
-    """
-    entries = _journal_entries(read_bytes(folder / JOURNAL)) if (folder / JOURNAL).is_file() else []
-    num_rows = 1 + max((row for row, _ in entries), default=-1)
-    starts, ends, fids = array("q", [-1]) * num_rows, array("q", [0]) * num_rows, bytearray(num_rows)
-    last_end = [0] * len(FILES)  # a file's records are in journal order: a row starts where the last ended
-    for row, packed in entries:
-        fid, end = packed >> 62, packed & _OFFSET_MASK
-        starts[row], ends[row], fids[row], last_end[fid] = last_end[fid], end, fid, end
-    del entries
-    for row in range(num_rows):
-        if starts[row] >= 0:
-            yield fids[row], starts[row], ends[row]
-
-
 def records_in_input_order(folder: Path):
     """Every committed record (results and errors) in input-row order, read by offset, streaming."""
-    if not (folder / JOURNAL).is_file():
+    if not os.path.lexists(folder / JOURNAL):
         raise InputFileError(f"{folder}: no {JOURNAL} (is this a job output folder?)")
-    files = [open(folder / name, "rb") if (folder / name).is_file() else None for name in FILES]
+    view = journal.read(folder)
+    files = [fs.open_read(folder / name) if end else None for name, end in zip(FILES, view.ends)]
     try:
-        for fid, start, end in _row_spans(folder):
+        for fid, start, end in view.spans():
             files[fid].seek(start)
             for line in files[fid].read(end - start).splitlines():
                 if line.strip():

@@ -18,15 +18,10 @@ import orjson
 
 from mlxbatch.errors import UsageError
 from mlxbatch.job.render import Item
-from mlxbatch.output.checkpoint import (
-    PARQUET,
-    RESULTS,
-    committed_end,
-    committed_lines,
-    create_temp,
-    io_error,
-    publish,
-)
+from mlxbatch.output import journal
+from mlxbatch.output.checkpoint import PARQUET
+from mlxbatch.output.fs import create_temp, io_error, publish
+from mlxbatch.output.journal import RESULTS
 from mlxbatch.types import Completion
 
 _DUMP = orjson.OPT_APPEND_NEWLINE
@@ -188,7 +183,7 @@ def write_parquet(folder: Path) -> Path | None:
     key (keys whose values have no common type become JSON text columns, marked
     in the field metadata), the second writes row groups. Replaced atomically.
     """
-    if committed_end(folder, RESULTS) == 0:
+    if journal.read(folder).ends[RESULTS] == 0:
         return None
     dest = folder / PARQUET
     types = _column_types(folder)
@@ -207,7 +202,7 @@ class _BadColumn(Exception):
 
 def _chunks(folder: Path):
     chunk = []
-    for line in committed_lines(folder, RESULTS):
+    for line in journal.read(folder).lines(RESULTS):
         chunk.append(orjson.loads(line))
         if len(chunk) == _PARQUET_ROWS:
             yield chunk

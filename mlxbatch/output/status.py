@@ -1,7 +1,7 @@
 """`mlxbatch status`: what an output folder holds, as text.
 
-Owns: the status report. Reads rows through the journal (output/checkpoint.py), the one truth
-of what is committed. Does not own: the commit protocol.
+Owns: the status report. Counts rows through the journal's reader (output/journal.py), as a
+resume does. Does not own: the commit protocol.
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlxbatch.errors import InputFileError
-from mlxbatch.output.checkpoint import (
-    MANIFEST,
-    journal_rows,
-    lock_holder,
-    read_manifest,
-    read_state,
-)
+from mlxbatch.output import journal
+from mlxbatch.output.checkpoint import read_state
+from mlxbatch.output.fs import lock_holder
+from mlxbatch.output.manifest import MANIFEST
+from mlxbatch.output.manifest import read as read_manifest
 from mlxbatch.ui.stats import fmt_duration
 
 
@@ -25,7 +23,7 @@ def job_status(folder: Path) -> str:
     manifest = read_manifest(folder)
     state = read_state(folder)  # {} when damaged: counters unknown, rows still come from the journal
     holder = lock_holder(folder)
-    done = journal_rows(folder)  # the journal is the truth; the state file may lag
+    done = journal.read(folder).num_rows  # the journal, as a resume reads it, is the truth; the state may lag
     total = state.get("rows_total", "?")
     complete = state.get("complete", False) and done == total
     secs = state.get("seconds", 0)
