@@ -1,14 +1,20 @@
 """Work that must run before the process leaves through `os._exit`, which skips `atexit`.
 
 Owns: a list of hooks and running them once, newest first, each on its own (one that fails
-does not stop the rest). The CLI's exits and the runner's second-signal exit call `run()`;
-a local Ray instance registers its shutdown here so it never outlives the driver. Does not
-own: deciding when to exit (cli/__init__.py, runner.py).
+does not stop the rest), and the one signal exit (`leave_now`) that the console script's
+first moments, the CLI and the runner's second signal all use; a local Ray instance registers
+its shutdown here so it never outlives the driver. Imports only the standard library, so the
+console script can install it before any slow import. Does not own: deciding when to exit
+(cli/__init__.py, runner.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+import signal
+from typing import Callable, NoReturn
+
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _hooks: list[Callable[[], None]] = []
 
@@ -31,3 +37,20 @@ def run() -> None:
             hook()
         except BaseException:  # leaving anyway: a hook's failure must not keep the process alive
             pass
+
+
+def leave_now(message: str = "interrupted", code: int = 130) -> NoReturn:
+    """Say why, run the hooks, and leave without unwinding (committed rows are already durable)."""
+    os.write(2, f"\nmlxbatch: {message}\n".encode())
+    run()
+    os._exit(code)
+
+
+def _on_signal(signum, frame) -> None:
+    leave_now()
+
+
+def exit_on_signals() -> None:
+    """SIGINT/SIGTERM/SIGHUP outside the job loop (which stops cleanly on its own): leave at once."""
+    for s in EXIT_SIGNALS:
+        signal.signal(s, _on_signal)

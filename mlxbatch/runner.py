@@ -11,7 +11,6 @@ or the state schema (output/checkpoint.py), or how the process exits (cli/__init
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import time
 from collections import deque
@@ -62,7 +61,7 @@ class _InFlight:
     remaining: int = 0
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = exits.EXIT_SIGNALS
 
 
 class _StopFlag:
@@ -73,9 +72,7 @@ class _StopFlag:
 
     def handle(self, signum, frame) -> None:
         if self.is_set:
-            os.write(2, b"mlxbatch: interrupted again; leaving now (committed rows are safe)\n")
-            exits.run()
-            os._exit(130)  # committed rows are already durable; the rest reruns
+            exits.leave_now("interrupted again; leaving now (committed rows are safe)")
         self.is_set = True
 
 

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random-weight models, the embedded model, sample inputs."""
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -25,6 +27,25 @@ def smol():
     from mlxbatch import models
 
     return models.load("smollm2-135m", dtype="fp32")
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    output: str  # stdout and stderr, interleaved as a terminal shows them
+    stdout: str
+
+
+def cli(*args, input: str | None = None) -> CliResult:
+    """`mlxbatch ARGS...` in this process, through `run_cli`: the error map `main()` uses."""
+    from typer.testing import CliRunner
+
+    from mlxbatch.cli import run_cli
+
+    with CliRunner().isolation(input=input) as (out, _, mixed):
+        code = run_cli([str(a) for a in args])
+        sys.stdout.flush(), sys.stderr.flush()
+        return CliResult(code, mixed.getvalue().decode(), out.getvalue().decode())
 
 
 def write_jsonl(path: Path, rows) -> Path:

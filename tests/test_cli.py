@@ -10,17 +10,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import LONG, ROOT, read_jsonl, write_jsonl
-from typer.testing import CliRunner
+from conftest import LONG, ROOT, cli, read_jsonl, write_jsonl
 
-from mlxbatch.cli import app
-
-runner = CliRunner()
 TINY = ["--model", "random:tiny", "--max-tokens", "12", "-q"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def ids_of(folder):

@@ -9,13 +9,12 @@ import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import cli
 from gguf import GGMLQuantizationType as Q
 from gguf_names import gguf_name, permute
 from mlx.utils import tree_flatten
-from typer.testing import CliRunner
 
 from mlxbatch import models
-from mlxbatch.cli import app
 from mlxbatch.errors import ModelError
 from mlxbatch.models.gguf import arch as gguf_arch
 from mlxbatch.models.gguf import tokenizer as gguf_tokenizer
@@ -246,14 +245,14 @@ def test_refusals_are_one_clear_message(tmp_path):
     bert = _write(tmp_path / "t.gguf", tensors=[f32], meta=[("tokenizer.ggml.model", "bert")])
     with pytest.raises(ModelError, match=r"tokenizer model 'bert' is not supported \(supported: gpt2, llama\)"):
         models.import_gguf(bert)
-    r = CliRunner().invoke(app, ["models", "import", str(iq)])
+    r = cli("models", "import", iq)
     assert r.exit_code == 1 and "IQ2_XXS" in r.output and "Traceback" not in r.output
 
 
 def test_models_info_shows_tensor_types_and_conversion(tmp_path):
     path = tmp_path / "info.gguf"
     write_model(path, "phi3", [Q.Q6_K, Q.F32])
-    r = CliRunner().invoke(app, ["models", "info", str(path), "--dtype", "fp32"])
+    r = cli("models", "info", path, "--dtype", "fp32")
     assert r.exit_code == 0, r.output
     assert "gguf_architecture: phi3" in r.output and "Q6_K x" in r.output
     assert "converted Q6_K: dequantized (gguf numpy) to float32" in r.output

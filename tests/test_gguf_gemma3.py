@@ -4,10 +4,9 @@ against an independent reference encoder, generation, and mlxbatch's own engine.
 import json
 
 import pytest
-from typer.testing import CliRunner
+from conftest import cli
 
 from mlxbatch import models
-from mlxbatch.cli import app
 
 pytestmark = pytest.mark.realmodel
 
@@ -104,8 +103,8 @@ def test_cli_run_raw_matches_mlx_lm_greedy(gemma, tmp_path):
     prompts = ["The Eiffel Tower is located in the city of", "The capital of France is"]
     src = tmp_path / "q.jsonl"
     src.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(prompts)))
-    res = CliRunner().invoke(app, ["run", str(src), "-o", str(tmp_path / "o"), "--model", "gemma3-270m", "--raw",
-                                   "--max-tokens", "12", "--temperature", "0", "-q"])
+    res = cli("run", src, "-o", tmp_path / "o", "--model", "gemma3-270m", "--raw",
+                                   "--max-tokens", "12", "--temperature", "0", "-q")
     assert res.exit_code == 0, res.output
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "o" / "results.jsonl").read_text().splitlines())}
     for i, p in enumerate(prompts):
@@ -114,7 +113,7 @@ def test_cli_run_raw_matches_mlx_lm_greedy(gemma, tmp_path):
 
 
 def test_models_info_names_k_quants():
-    r = CliRunner().invoke(app, ["models", "info", "gemma3-270m"])
+    r = cli("models", "info", "gemma3-270m")
     assert r.exit_code == 0, r.output
     assert "gguf_architecture: gemma3" in r.output and "Q4_K x27" in r.output
     assert "converted Q4_K: dequantized (gguf numpy)" in r.output
@@ -128,8 +127,8 @@ def test_cli_run_past_the_sliding_window_matches_mlx_lm(gemma, tmp_path):
     assert len(gemma.tokenizer.encode(prompt)) > 600
     src = tmp_path / "q.jsonl"
     src.write_text(json.dumps({"id": "long", "prompt": prompt}) + "\n")
-    res = CliRunner().invoke(app, ["run", str(src), "-o", str(tmp_path / "o"), "--model", "gemma3-270m", "--raw",
-                                   "--max-tokens", "6", "--temperature", "0", "-q"])
+    res = cli("run", src, "-o", tmp_path / "o", "--model", "gemma3-270m", "--raw",
+                                   "--max-tokens", "6", "--temperature", "0", "-q")
     assert res.exit_code == 0, res.output
     row = json.loads((tmp_path / "o" / "results.jsonl").read_text())
     assert row["output"] == generate(gemma.model, gemma.tokenizer, prompt, max_tokens=6)

@@ -7,11 +7,10 @@ import jinja2
 import jinja2.sandbox
 import mlx.core as mx
 import pytest
+from conftest import cli
 from gguf_names import gguf_name, permute
-from typer.testing import CliRunner
 
 from mlxbatch import models
-from mlxbatch.cli import app
 from mlxbatch.errors import ModelError
 from mlxbatch.models import gguf
 from mlxbatch.models.gguf import arch as gguf_arch
@@ -63,7 +62,7 @@ def test_default_model_answers_paris(smol):
 def test_default_model_via_cli_answers_paris(tmp_path, smol):
     src = tmp_path / "q.jsonl"
     src.write_text(json.dumps({"id": "q", "prompt": "What is the capital of France?"}) + "\n")
-    res = CliRunner().invoke(app, ["run", str(src), "-o", str(tmp_path / "o"), "--max-tokens", "20", "-q"])
+    res = cli("run", src, "-o", tmp_path / "o", "--max-tokens", "20", "-q")
     assert res.exit_code == 0, res.output
     assert "Paris" in json.loads((tmp_path / "o" / "results.jsonl").read_text())["output"]
 
@@ -110,9 +109,9 @@ def test_chat_template_equals_gguf_rendering(smol):
 
 
 def test_models_cli_list_and_info():
-    r = CliRunner().invoke(app, ["models", "list"])
+    r = cli("models", "list")
     assert r.exit_code == 0 and "random:tiny" in r.output
-    r = CliRunner().invoke(app, ["models", "info", "random:tiny"])
+    r = cli("models", "info", "random:tiny")
     assert r.exit_code == 0 and "hidden_size: 128" in r.output
 
 

@@ -8,7 +8,7 @@ import sys
 import orjson
 import pytest
 import typer
-from conftest import ROOT, read_jsonl, write_jsonl
+from conftest import ROOT, cli, read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
 from mlxbatch import models
@@ -18,12 +18,7 @@ from mlxbatch.job.spec import RULES, SAMPLING_KEYS, JobSpec, build_spec
 from mlxbatch.output.checkpoint import ERRORS, RESULTS, Checkpoint
 from mlxbatch.types import SamplingParams
 
-runner = CliRunner()
 TINY = ["--model", "random:tiny", "--max-tokens", "3", "-q"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 # ------------------------------------------------------------ job-level values: exit 2, named, before loading
@@ -140,7 +135,7 @@ def test_run_help_has_text_and_defaults_for_every_option():
     assert all("%%" not in (p.help or "") for p in params.values())
     assert "40% of memory" in params["max_kv_gb"].help
     assert "256" in params["max_tokens"].help and "default: 0" in params["seed"].help
-    res = runner.invoke(app, ["run", "--help"], terminal_width=240)
+    res = CliRunner().invoke(app, ["run", "--help"], terminal_width=240)
     assert res.exit_code == 0 and "40%%" not in res.output and "40% of memory" in res.output
 
 

@@ -1,4 +1,4 @@
-"""Structured output (issue 13): response_format per row, --json-schema / --regex for all rows,
+"""Structured output: response_format per row, --json-schema / --regex for all rows,
 mixed constrained and free rows in one batch, records, errors, validate, status."""
 
 import re
@@ -6,12 +6,10 @@ import re
 import jsonschema
 import orjson
 import pytest
-from conftest import read_jsonl, write_jsonl
+from conftest import cli, read_jsonl, write_jsonl
 from structured_data import PEOPLE, SCHEMA
-from typer.testing import CliRunner
 
 from mlxbatch import models
-from mlxbatch.cli import app
 from mlxbatch.engine import Engine, Request, SamplingParams
 from mlxbatch.job.grammar import (
     GrammarError,
@@ -22,14 +20,9 @@ from mlxbatch.job.grammar import (
     regex_constraint,
 )
 
-runner = CliRunner()
 TINY = ["--model", "random:tiny", "-q"]
 PHONE = "[0-9]{3}-[0-9]{4}"
 
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def _rf(schema) -> dict:

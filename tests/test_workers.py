@@ -1,4 +1,4 @@
-"""Issue 15: one job on Ray workers, still exactly once (a local Ray, 2 worker processes, random:tiny, CPU).
+"""One job on Ray workers, still exactly once (a local Ray, 2 worker processes, random:tiny, CPU).
 
 Greedy outputs equal a one-process run (up to near-ties of random weights, checked by logprob);
 kill -9 of a worker mid-job and of the driver mid-job both end with every id once; a local Ray

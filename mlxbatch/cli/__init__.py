@@ -14,27 +14,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import List, Optional
 
-
-def _exit_now(signum, frame) -> None:
-    """SIGINT/SIGTERM/SIGHUP outside the job loop (which stops cleanly on its own): leave at once."""
-    os.write(2, b"\nmlxbatch: interrupted\n")
-    exits.run()  # a local Ray started for --workers goes down with us
-    os._exit(130)
-
-
-def _install_exit_handlers() -> None:
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _exit_now)
-
-
-# The console script installs the same handlers in mlxbatch/__init__.py, before any slow import.
-import typer  # noqa: E402
+import typer
 
 from mlxbatch import exits
 from mlxbatch.errors import EXIT_INTERRUPTED, MlxbatchError
@@ -46,11 +31,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Cached models: list, pull, 
 app.add_typer(models_app, name="models")
 
 _MODEL_HELP = "smollm2-135m (default), gemma3-270m, random:<preset>, a .gguf file, a model folder or a Hugging Face repo id"
-
-
-def _fail(err: MlxbatchError) -> None:
-    typer.echo(f"mlxbatch: error: {err}", err=True)
-    raise typer.Exit(err.exit_code)
 
 
 def _resume_command() -> str:
@@ -103,21 +83,18 @@ def run(
     from mlxbatch.job.spec import build_spec
     from mlxbatch.ui.dashboard import Dashboard
 
-    try:
-        spec = build_spec(job, _options(ctx, "job", "quiet"))  # checked before the model loads
-        from mlxbatch.runner import run_job
+    spec = build_spec(job, _options(ctx, "job", "quiet"))  # checked before the model loads
+    from mlxbatch.runner import run_job
 
-        with Dashboard(quiet=quiet) as dash:
-            try:
-                # Startup objects leave the collector's scans: a full collection over them (~0.1-0.2 s
-                # with torch imported) now and then stalls the decode loop. The CLI's choice, not the library's.
-                stats = run_job(spec, progress=dash.update, resume_hint=_resume_command(), on_loaded=gc.freeze)
-            except MlxbatchError:
-                dash.stop()
-                raise
-            dash.summary(stats, complete=True)
-    except MlxbatchError as err:
-        _fail(err)
+    with Dashboard(quiet=quiet) as dash:
+        try:
+            # Startup objects leave the collector's scans: a full collection over them (~0.1-0.2 s
+            # with torch imported) now and then stalls the decode loop. The CLI's choice, not the library's.
+            stats = run_job(spec, progress=dash.update, resume_hint=_resume_command(), on_loaded=gc.freeze)
+        except MlxbatchError:
+            dash.stop()
+            raise
+        dash.summary(stats, complete=True)
 
 
 def _options(ctx: typer.Context, *skip: str) -> dict:
@@ -130,10 +107,7 @@ def status(folder: Path = typer.Argument(..., help="a job's output folder")) -> 
     """Rows done / total, errors, tokens, throughput, and how to resume."""
     from mlxbatch.output.status import job_status
 
-    try:
-        typer.echo(job_status(folder))
-    except MlxbatchError as err:
-        _fail(err)
+    typer.echo(job_status(folder))
 
 
 @app.command()
@@ -150,11 +124,8 @@ def validate(
     from mlxbatch.job.spec import build_spec
     from mlxbatch.job.validate import validate_input
 
-    try:
-        spec = build_spec(job, _options(ctx, "job", "max_problems"))
-        text, problems = validate_input(spec, max_problems=max_problems)
-    except MlxbatchError as err:
-        _fail(err)
+    spec = build_spec(job, _options(ctx, "job", "max_problems"))
+    text, problems = validate_input(spec, max_problems=max_problems)
     typer.echo(text)
     raise typer.Exit(1 if problems else 0)
 
@@ -174,12 +145,9 @@ def bench(
     """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
     from mlxbatch.bench import run_bench
 
-    try:
-        typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
-                             batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out,
-                             repeat=repeat))
-    except MlxbatchError as err:
-        _fail(err)
+    typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
+                         batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out,
+                         repeat=repeat))
 
 
 @app.command("export")
@@ -197,11 +165,8 @@ def export_cmd(
     """Write train/valid files that mlx-lm's LoRA trainer (and TRL) read as they are."""
     from mlxbatch.output.export import export
 
-    try:
-        info = export(folder, fmt=fmt, split=split, to=to, drop_truncated=drop_truncated, dedupe=dedupe,
-                      seed=seed, parquet=parquet, order=order)
-    except MlxbatchError as err:
-        _fail(err)
+    info = export(folder, fmt=fmt, split=split, to=to, drop_truncated=drop_truncated, dedupe=dedupe,
+                  seed=seed, parquet=parquet, order=order)
     typer.echo(f"wrote {to}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "dropped")
                + f"; dropped {info['dropped']}")
 
@@ -257,11 +222,8 @@ def models_pull(name: str = typer.Argument(..., help="a built-in name (smollm2-1
     """Download (and convert) a model into the cache."""
     from mlxbatch import models
 
-    try:
-        with _ConvertProgress() as progress:
-            typer.echo(models.local_path(name, dtype=dtype, progress=progress))
-    except MlxbatchError as err:
-        _fail(err)
+    with _ConvertProgress() as progress:
+        typer.echo(models.local_path(name, dtype=dtype, progress=progress))
 
 
 @models_app.command("import")
@@ -270,11 +232,8 @@ def models_import(file: Path = typer.Argument(..., help="a llama.cpp .gguf file"
     """Convert a GGUF file into the cache (once; later runs reuse it)."""
     from mlxbatch import models
 
-    try:
-        with _ConvertProgress() as progress:
-            typer.echo(models.import_gguf(file, dtype=dtype, progress=progress))
-    except MlxbatchError as err:
-        _fail(err)
+    with _ConvertProgress() as progress:
+        typer.echo(models.import_gguf(file, dtype=dtype, progress=progress))
 
 
 @models_app.command("info")
@@ -283,25 +242,27 @@ def models_info(name: str = typer.Argument(...), dtype: str = typer.Option("auto
     tensor types found and how each was converted."""
     from mlxbatch import models
 
-    try:
-        if name.startswith("random:"):
-            preset = name.split(":", 1)[1]
-            if preset not in models.RANDOM_PRESETS:
-                raise models.ModelError(f"unknown random preset {preset!r}")
-            for k, v in models.RANDOM_PRESETS[preset].items():
-                typer.echo(f"{k}: {v}")
-            return
-        for k, v in models.describe(models.local_path(name, dtype=dtype)).items():
+    if name.startswith("random:"):
+        preset = name.split(":", 1)[1]
+        if preset not in models.RANDOM_PRESETS:
+            raise models.ModelError(f"unknown random preset {preset!r}")
+        for k, v in models.RANDOM_PRESETS[preset].items():
             typer.echo(f"{k}: {v}")
-    except MlxbatchError as err:
-        _fail(err)
+        return
+    for k, v in models.describe(models.local_path(name, dtype=dtype)).items():
+        typer.echo(f"{k}: {v}")
 
 
 def main() -> None:
-    _install_exit_handlers()
+    exits.exit_on_signals()  # the console script did so too, before any slow import (mlxbatch/__init__.py)
+    _leave(run_cli())
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run one command and return its exit code: the one error map (main() and the tests both go through it)."""
     code = 0
     try:
-        app()
+        app(args=args, prog_name="mlxbatch")
     except SystemExit as exc:  # typer/click end every command this way
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, (int, type(None))):
@@ -317,7 +278,7 @@ def main() -> None:
             traceback.print_exc()
         typer.echo(f"mlxbatch: internal error: {sys.exc_info()[1]!r} (set MLXBATCH_DEBUG=1 for a traceback)", err=True)
         code = 1
-    _leave(code)
+    return code
 
 
 def _leave(code: int) -> None:

@@ -1,4 +1,4 @@
-"""Issue 12, defect 1: every exit path ends within seconds, with OpenBLAS loaded (it can hang in exit destructors).
+"""Every exit path ends within seconds, with OpenBLAS loaded (it can hang in exit destructors).
 
 Runs the real `mlxbatch` console script: signals at random moments around the
 first commit (SIGINT, SIGTERM, SIGHUP), SIGINT right after start, and error

@@ -10,18 +10,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_jsonl, write_jsonl
-from typer.testing import CliRunner
+from conftest import cli, read_jsonl, write_jsonl
 
-from mlxbatch.cli import app
 from mlxbatch.output import fs
 
-runner = CliRunner()
 TINY = ["--model", "random:tiny", "--max-tokens", "6", "-q", "--batch-size", "4"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def all_ids(out):

@@ -4,17 +4,8 @@ from types import SimpleNamespace
 from typing import Literal, Optional
 
 import pytest
-from conftest import ROOT, read_jsonl, write_jsonl
+from conftest import ROOT, cli, read_jsonl, write_jsonl
 from pydantic import BaseModel, ConfigDict
-from typer.testing import CliRunner
-
-from mlxbatch.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 # The OpenAI Batch output line schema (https://platform.openai.com/docs/guides/batch), strict.

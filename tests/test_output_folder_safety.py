@@ -1,6 +1,6 @@
-"""Issue 12, defects 2-7: folder lock, kept fields, Parquet, ids as written, symlinks, and the weaker list.
+"""The output folder's safety rules: folder lock, kept fields, Parquet, ids as written, symlinks, and the weaker list.
 
-Defect 1 (exit hangs) is in test_defects_exit.py, defect 8 (memory) in test_defects_memory.py.
+Exit paths are in test_exit_paths.py, memory in test_constant_memory.py.
 """
 
 import errno
@@ -12,10 +12,8 @@ import time
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_jsonl, write_jsonl
-from typer.testing import CliRunner
+from conftest import cli, read_jsonl, write_jsonl
 
-from mlxbatch.cli import app
 from mlxbatch.errors import OutputError, ResumeError
 from mlxbatch.job import render, source
 from mlxbatch.job.spec import JobSpec
@@ -25,13 +23,8 @@ from mlxbatch.output.checkpoint import RESULTS, Checkpoint
 from mlxbatch.runner import run_job
 from mlxbatch.types import SamplingParams
 
-runner = CliRunner()
 TINY = ["--model", "random:tiny", "--max-tokens", "4", "-q", "--batch-size", "4"]
 MANIFEST = {"input": {"sha256": "x"}, "settings": {}}
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def rows(n, **extra):

@@ -1,4 +1,4 @@
-"""Issue 12, defect 8: memory stays flat on long jobs through the real engine (random:tiny, --max-tokens 1).
+"""Memory stays flat on long jobs through the real engine (random:tiny, --max-tokens 1).
 
 A child process streams N rows through `run_job` with the real Engine and prints
 its current RSS (not the peak) after the warm-up rows and at the end, and rows/s.
