@@ -24,6 +24,7 @@ import orjson
 from mlxbatch import exits, models
 from mlxbatch.engine import Engine, Request
 from mlxbatch.engine.core import GPU_MAX_BATCH
+from mlxbatch.engine.protocol import BatchEngine
 from mlxbatch.errors import (
     InputFileError,
     Interrupted,
@@ -111,7 +112,7 @@ class JobLoop:
     """One run over the input; `run()` returns when the input is done or a stop was asked."""
 
     def __init__(self, spec: JobSpec, lm: models.LoadedModel, cp: Checkpoint, stats: JobStats,
-                 progress: Callable[[JobStats], None] | None, engine_factory=Engine):
+                 progress: Callable[[JobStats], None] | None, engine_factory: Callable[..., BatchEngine] = Engine):
         self.spec, self.lm, self.cp, self.stats = spec, lm, cp, stats
         self.progress = progress or (lambda s: None)
         self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
@@ -123,12 +124,12 @@ class JobLoop:
         self.ready: deque[tuple[source.Row, Item]] = deque()  # rendered, not yet given to the engine
         self.inflight: dict[int, _InFlight] = {}
         self.stop = _StopFlag()
-        self.engine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
-        if hasattr(self.engine, "wait_started"):
+        self.engine: BatchEngine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
+        if self.engine.workers:
             self._start_workers()
         self.window = max(4 * self.engine.max_batch, 256)
         self.stats.engine = self.engine.stats
-        self.stats.workers = getattr(self.engine, "workers", [])  # a pool's worker statuses, kept current
+        self.stats.workers = self.engine.workers  # a pool's worker statuses, kept current
         self._last_metrics = 0.0
         self._prev_state = read_state(cp.folder)  # counters of earlier runs, added to this run's
 
@@ -317,7 +318,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
         raise
     finally:
         cp.close()
-        getattr(loop.engine, "close", lambda: None)()  # a pool stops its workers (and a local Ray)
+        loop.engine.close()  # a pool stops its workers (and a local Ray)
     if not complete:
         raise Interrupted(f"stopped: {cp.num_done:,}/{stats.total_rows:,} rows committed in {cp.folder}.\n"
                           f"resume with: {resume_hint or 'the same command'}")

@@ -4,6 +4,14 @@ from mlxbatch.engine import Completion, EngineStats
 
 
 class EchoEngine:
+    workers = ()
+
+    def wait_started(self, while_waiting=lambda: False):
+        pass
+
+    def close(self):
+        pass
+
     def __init__(self, lm, *, max_batch=None, max_kv_gb=None):
         self.max_batch = max_batch or 256
         self.stats = EngineStats(capacity=self.max_batch)

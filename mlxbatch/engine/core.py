@@ -93,7 +93,15 @@ class Engine:
         self._num_alive = 0
         self._num_guided = 0  # live rows with a grammar (structured output)
 
-    # ------------------------------------------------------------ public API
+    # ------------------------------------------------------------ public API (engine/protocol.py)
+    workers: tuple = ()  # no workers: everything runs in this process
+
+    def wait_started(self, while_waiting=lambda: False) -> None:
+        """Nothing to start: the model is loaded and this engine runs in process."""
+
+    def close(self) -> None:
+        """Nothing to stop (the model's memory belongs to its LoadedModel)."""
+
     def add(self, request: Request) -> None:
         self.scheduler.add(request)
         self._wants_logprobs |= request.params.logprobs is not None
