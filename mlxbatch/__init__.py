@@ -3,6 +3,8 @@
 import os as _os
 import sys as _sys
 
+from mlxbatch import startup as _startup  # noqa: F401  (its clock starts here)
+
 if _os.path.basename(_sys.argv[0]) == "mlxbatch":  # the console script: no KeyboardInterrupt traceback
     from mlxbatch import (
         exits as _exits,  # while the slow imports run, a signal exits at once
@@ -10,6 +12,8 @@ if _os.path.basename(_sys.argv[0]) == "mlxbatch":  # the console script: no Keyb
 
     _exits.exit_on_signals()
 
-from mlxbatch import _blas  # noqa: F401,E402  (must precede any mlx import)
+from mlxbatch import _imports  # noqa: E402
+
+_imports.install()  # OpenBLAS just before MLX loads; mlx_lm without transformers
 
 __version__ = "0.1.0"

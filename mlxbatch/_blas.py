@@ -2,7 +2,8 @@
 
 The mlx-cpu wheel bundles the reference BLAS (fp32 matmul ~30-45x slower than
 OpenBLAS, FINDINGS.md). A library loaded RTLD_GLOBAL before libmlx wins symbol
-resolution, so this must run before the first `import mlx`.
+resolution, so this must run before the first `import mlx`: mlxbatch/_imports.py
+calls it then (so commands that load no model never load OpenBLAS).
 Set MLXBATCH_BLAS=reference to keep the bundled one.
 """
 
@@ -36,5 +37,3 @@ def preload_openblas() -> str | None:
             return path
     return None
 
-
-preload_openblas()

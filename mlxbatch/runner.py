@@ -21,7 +21,7 @@ from typing import Callable
 import mlx.core as mx
 import orjson
 
-from mlxbatch import exits, models
+from mlxbatch import exits, models, startup
 from mlxbatch.engine import Engine, Request
 from mlxbatch.engine.core import GPU_MAX_BATCH
 from mlxbatch.engine.protocol import BatchEngine
@@ -135,6 +135,8 @@ class JobLoop:
 
     def run(self) -> bool:
         """True when every row has a record."""
+        startup.mark("checkpoint and engine setup")
+        num_steps = 0
         with _signals(self.stop):
             while not self.stop.is_set:
                 self._feed()
@@ -142,6 +144,9 @@ class JobLoop:
                     break
                 for c in self.engine.step():
                     self._finish_sample(c)
+                num_steps += 1
+                if num_steps <= 2:  # the first has the first rows' render and prefill; the second is a decode step
+                    startup.mark("first engine step (render, prefill)" if num_steps == 1 else "second engine step")
                 self._tick()
         self.commit()
         self._write_metrics()  # the run's last line: its totals (a worker's busy time among them)

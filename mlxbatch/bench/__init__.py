@@ -104,7 +104,8 @@ def _run_mlxbatch(lm, messages, max_tokens: int, batch: int) -> dict:
 def _run_mlx_lm(lm, prompts, max_tokens: int, batch: int) -> dict:
     from mlx_lm import batch_generate
 
-    tok = _NoEos(lm.tokenizer) if not lm.eos_token_ids else lm.tokenizer
+    wrapper = lm.tokenizer.as_mlx_lm()  # mlx-lm's own tokenizer class for its own API
+    tok = _NoEos(wrapper) if not lm.eos_token_ids else wrapper
     t = time.perf_counter()
     out = batch_generate(lm.model, tok, prompts, max_tokens=max_tokens, completion_batch_size=batch,
                          prefill_batch_size=min(batch, 64), return_token_ids=True)

@@ -76,6 +76,7 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", help="run on N Ray workers, 1-64, each loading the model once (default: in this process, no Ray)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster: auto or host:port (default: start a local one)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+    profile_start: bool = typer.Option(False, "--profile-start", help="print where the first seconds went (imports, model, tokenizer, first steps)"),
 ) -> None:
     """Run (or resume) a job: one output record per input row."""
     import gc
@@ -83,18 +84,24 @@ def run(
     from mlxbatch.job.spec import build_spec
     from mlxbatch.ui.dashboard import Dashboard
 
-    spec = build_spec(job, _options(ctx, "job", "quiet"))  # checked before the model loads
+    spec = build_spec(job, _options(ctx, "job", "quiet", "profile_start"))  # checked before the model loads
     from mlxbatch.runner import run_job
 
-    with Dashboard(quiet=quiet) as dash:
-        try:
-            # Startup objects leave the collector's scans: a full collection over them (~0.1-0.2 s
-            # with torch imported) now and then stalls the decode loop. The CLI's choice, not the library's.
-            stats = run_job(spec, progress=dash.update, resume_hint=_resume_command(), on_loaded=gc.freeze)
-        except MlxbatchError:
-            dash.stop()
-            raise
-        dash.summary(stats, complete=True)
+    try:
+        with Dashboard(quiet=quiet) as dash:
+            try:
+                # Startup objects leave the collector's scans: a full collection over them (~0.1-0.2 s
+                # with torch imported) now and then stalls the decode loop. The CLI's choice, not the library's.
+                stats = run_job(spec, progress=dash.update, resume_hint=_resume_command(), on_loaded=gc.freeze)
+            except MlxbatchError:
+                dash.stop()
+                raise
+            dash.summary(stats, complete=True)
+    finally:
+        if profile_start:
+            from mlxbatch import startup
+
+            startup.print_table()
 
 
 def _options(ctx: typer.Context, *skip: str) -> dict:

@@ -2,8 +2,8 @@
 
 Owns: recognising the three row shapes (plain prompt, chat messages, OpenAI
 Batch request line), validating fields with messages that name the line and
-field, chat templating (transformers' sandboxed Jinja, through mlx-lm's
-tokenizer), per-row sampling overrides and per-sample seeds. Does not own:
+field, chat templating (Jinja's sandbox with transformers' settings, through
+models/tokenizer.py), per-row sampling overrides and per-sample seeds. Does not own:
 reading files (job/source.py) or running the model (engine/core.py).
 """
 
@@ -124,7 +124,7 @@ class Renderer:
         plain = [i for i, t in texts.items() if isinstance(t, str) and not self._is_templated(out[i])]
         for group, special in ((templated, False), (plain, True)):
             if group:
-                ids = self.tokenizer._tokenizer([texts[i] for i in group], add_special_tokens=special)["input_ids"]
+                ids = self.tokenizer.encode_batch([texts[i] for i in group], add_special_tokens=special)
                 for i, tokens in zip(group, ids):
                     out[i] = self._with_tokens(out[i], list(tokens))
         return out

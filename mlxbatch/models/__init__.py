@@ -23,8 +23,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxbatch import startup
 from mlxbatch.errors import ModelError, UsageError
-from mlxbatch.models import gguf
+from mlxbatch.models import gguf, weights as weights_io
+from mlxbatch.models import tokenizer as tokenizers
 from mlxbatch.types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job/spec.py needs no MLX)
 
 _FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
@@ -87,7 +89,7 @@ class LoadedModel:
 
     name: str
     model: nn.Module | None  # None when loaded without weights (the driver of a --workers job)
-    tokenizer: object  # mlx_lm TokenizerWrapper
+    tokenizer: object  # models.tokenizer.Tokenizer (or its transformers fallback)
     dtype: str
     weights_hash: str
     path: Path | None = None
@@ -228,7 +230,7 @@ def import_gguf(path: Path, *, dtype: str = "auto", progress: gguf.Progress | No
 
 
 def random_tokenizer_dir() -> Path:
-    """SmolLM2's tokenizer (shipped in the package), written out for mlx-lm to load."""
+    """SmolLM2's tokenizer (shipped in the package), written out as a tokenizer folder."""
     dest = home() / "tokenizers" / "smollm2"
     if (dest / "tokenizer.json").exists():
         return dest
@@ -287,28 +289,32 @@ def local_path(spec: str, *, dtype: str = "auto", progress: gguf.Progress | None
     return _hf_download(spec)
 
 
+# What mlx-lm's loader fetches of a hub repo (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS).
+HF_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
+               "*.jsonl", "*.jinja"]
+
+
 def _hf_download(repo: str) -> Path:
-    from mlx_lm.utils import _download
+    from huggingface_hub import snapshot_download  # directly: mlx_lm.utils would import transformers
 
     try:
-        return Path(_download(repo))
+        return Path(snapshot_download(repo, allow_patterns=HF_PATTERNS))
     except Exception as exc:
         raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub: {exc}") from exc
 
 
 def _load_random(preset: str, *, weights: bool = True) -> tuple[nn.Module | None, object, dict, str]:
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-    from mlx_lm.utils import _get_classes
-
     if preset not in RANDOM_PRESETS:
         raise ModelError(f"unknown random preset {preset!r} (presets: {', '.join(RANDOM_PRESETS)})")
     config = dict(RANDOM_PRESETS[preset])
     model = None
     if weights:
-        model_cls, args_cls = _get_classes(config)
+        model_cls, args_cls = weights_io.model_classes(config)
         with _seeded(0):  # the same preset always has the same weights
             model = model_cls(args_cls.from_dict(config))
-    tokenizer = load_tokenizer(random_tokenizer_dir())
+    startup.mark("model weights")
+    tokenizer = tokenizers.load(random_tokenizer_dir())
+    startup.mark("tokenizer")
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + b"seed0").hexdigest()
     return model, tokenizer, config, digest
 
@@ -331,6 +337,7 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", ignore_eos: bool | N
     `weights=False` loads what a driver of `--workers` needs (tokenizer, context length, EOS
     ids, dtype, weights hash) and leaves `model` None: the workers hold the weights.
     """
+    startup.mark("imports and job setup")
     if spec.startswith("random:"):
         model, tokenizer, config, digest = _load_random(spec.split(":", 1)[1], weights=weights)
         path = None
@@ -346,6 +353,7 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", ignore_eos: bool | N
     chosen = resolve_dtype(dtype)
     if model is not None:
         apply_dtype(model, chosen)
+        startup.mark("weight dtype")
     # Random models ignore EOS by default so benchmarks make exactly max_tokens.
     skip_eos = spec.startswith("random:") if ignore_eos is None else ignore_eos
     eos = set() if skip_eos else set(tokenizer.eos_token_ids or ())
@@ -354,22 +362,34 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", ignore_eos: bool | N
 
 
 def _load_folder(path: Path, *, weights: bool, trust_remote_code: bool) -> tuple[nn.Module | None, object, dict]:
-    from mlx_lm.utils import load as mlx_load
-    from mlx_lm.utils import load_config, load_tokenizer
-
+    """What mlx-lm's `load` returns, without transformers where the tokenizer allows (models/tokenizer.py)."""
+    model = None
+    config = weights_io.load_config(path)
     if weights:
-        return mlx_load(str(path), return_config=True, trust_remote_code=trust_remote_code)
-    config = load_config(path)  # what mlx_lm's load reads, so EOS ids come out the same
-    return None, load_tokenizer(path, None, eos_token_ids=config.get("eos_token_id")), config
+        if why := weights_io.needs_mlx_lm(path, config):
+            print(f"mlxbatch: loading the weights through mlx-lm's loader ({why})", file=sys.stderr)
+        model, config = weights_io.load_model(path, trust_remote_code=trust_remote_code)
+    startup.mark("model weights")
+    tokenizer = tokenizers.load(path, config=config, defaults=_tokenizer_defaults(config),
+                                eos_token_ids=config.get("eos_token_id"))
+    startup.mark("tokenizer")
+    return model, tokenizer, config
+
+
+def _tokenizer_defaults(config: dict) -> dict | None:
+    """The architecture module's TOKENIZER_DEFAULTS (mlx-lm's defaults for checkpoints without them)."""
+    try:
+        model_cls, _ = weights_io.model_classes(config)
+    except (KeyError, ValueError):
+        return None
+    return getattr(sys.modules[model_cls.__module__], "TOKENIZER_DEFAULTS", None)
 
 
 def apply_dtype(model: nn.Module, dtype: str) -> None:
     """Cast weights in place: `native` keeps them as stored."""
-    from mlx_lm.utils import dequantize_model
-
     if dtype == "native":
         return
-    dequantize_model(model)
+    weights_io.dequantize(model)
     if dtype in _FLOAT_DTYPES:
         model.set_dtype(_FLOAT_DTYPES[dtype])
     else:
