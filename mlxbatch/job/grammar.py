@@ -15,11 +15,14 @@ keywords it cannot enforce are errors that name them (never silently dropped).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import orjson
 
 from mlxbatch.types import Constraint
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ANY_JSON_OBJECT = {"type": "object"}  # OpenAI's {"type": "json_object"}
 # JSON laid out as json.dumps does, no free whitespace: small models otherwise loop on blank lines until
@@ -141,6 +144,7 @@ class Grammars:
     def masks(self, guided: list, batch: int) -> np.ndarray:
         """uint32 bitmask [batch, words] of allowed tokens: `guided` (row, Guide) rows filled in
         parallel, every other row all ones."""
+        import numpy as np  # here, not at import: a job without constraints never needs it (~0.2 s)
         from llguidance.numpy import fill_next_token_bitmask_par
 
         out = np.full((batch, self.num_words), -1, dtype=np.int32)

@@ -25,8 +25,9 @@ import mlx.nn as nn
 
 from mlxbatch import startup
 from mlxbatch.errors import ModelError, UsageError
-from mlxbatch.models import gguf, weights as weights_io
+from mlxbatch.models import gguf
 from mlxbatch.models import tokenizer as tokenizers
+from mlxbatch.models import weights as weights_io
 from mlxbatch.types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job/spec.py needs no MLX)
 
 _FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
@@ -295,7 +296,8 @@ HF_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tik
 
 
 def _hf_download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download  # directly: mlx_lm.utils would import transformers
+    # huggingface_hub directly: mlx_lm.utils would import transformers
+    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo, allow_patterns=HF_PATTERNS))
