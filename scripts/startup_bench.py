@@ -56,12 +56,13 @@ def run(src: Path, out: Path, *, model: str, max_tokens: int, env_extra: dict) -
     return {"wall_s": round(wall, 3), "rows": rows, "phases": phases}
 
 
-def imports(env_extra: dict) -> dict:
+IMPORTS = {"mlxbatch.cli (--help, status, validate)": "import mlxbatch.cli",
+           "mlxbatch run path (runner + mlx_lm llama)": "import mlxbatch.runner, mlx_lm.models.llama"}
+
+
+def imports(env_extra: dict, snippets: dict = IMPORTS) -> dict:
     """Seconds to import things, each in a fresh process."""
     out = {}
-    snippets = {"mlxbatch.cli (--help, status, validate)": "import mlxbatch.cli",
-                "transformers": "import transformers",
-                "mlxbatch run path (runner + mlx_lm llama)": "import mlxbatch.runner, mlx_lm.models.llama"}
     for name, code in snippets.items():
         t = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -115,7 +116,10 @@ def main() -> None:
     one = out_dir / "one.jsonl"
     one.write_text(json.dumps(rag_rows(1)[0]) + "\n")
     result = {"model": model, "rows": num_rows, "max_tokens": max_tokens, "before_env": BEFORE_ENV}
+    # Untimed first runs of both shapes: the CUDA backend builds (and caches) kernels per shape on first use.
     result["warm_run"] = run(one, out_dir / "o-warm", model=model, max_tokens=max_tokens, env_extra={})
+    result["warm_rows"] = run(big, out_dir / "o-warm-big", model=model, max_tokens=max_tokens, env_extra={})
+    result["import_transformers"] = imports({}, {"transformers": "import transformers"})["transformers"]
     for label, env in (("after", {}), ("before", BEFORE_ENV)):
         result[f"one_row_{label}"] = [run(one, out_dir / f"o-one-{label}", model=model, max_tokens=max_tokens,
                                           env_extra=env) for _ in range(repeats)]
@@ -142,6 +146,7 @@ def print_table(r: dict) -> None:
         print(f"  {n:44s} {b if b is not None else '-':>8} {a if a is not None else '-':>8}")
     for k in r["imports_after"]:
         print(f"  import {k:37s} {r['imports_before'][k]!s:>8} {r['imports_after'][k]!s:>8}")
+    print(f"  import transformers (alone): {r['import_transformers']} s")
     for k, v in r["load"].items():
         print(f"  {k}: {v}")
 
