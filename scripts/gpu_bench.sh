@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Throughput on a lent NVIDIA GPU (MLX CUDA backend). Chunks from ../shared/gpu/bundle.sh
-# (with the converted smollm2-135m folder as EXTRA_DIR) must already be in ~/gpu.
+# Throughput on a lent NVIDIA GPU (MLX CUDA backend). Chunks from scripts/gpu/bundle.sh
+# (with the converted smollm2-135m folder as EXTRA_DIR) must already be in ~/gpu;
+# see docs/performance.md, "Reproduce on a lent GPU".
 # usage: bash scripts/gpu_bench.sh WORKLOAD[@MODEL[@EXTRA ARGS]] ...   (results under $OUT)
 set -uo pipefail
 if [ ! -d ~/site/mlx ]; then
