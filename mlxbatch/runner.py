@@ -38,6 +38,7 @@ from mlxbatch.job.grammar import GrammarError, Grammars
 from mlxbatch.job.ids import IdSet, written_id
 from mlxbatch.job.render import Item, Renderer, raw_id, request_params
 from mlxbatch.job.spec import JobSpec
+from mlxbatch.models import adapters as adapter_files
 from mlxbatch.output.checkpoint import (
     ERRORS,
     METRICS,
@@ -89,12 +90,15 @@ def _signals(flag: _StopFlag):
 
 def build_manifest(spec: JobSpec, lm: models.LoadedModel) -> dict:
     template = getattr(lm.tokenizer, "chat_template", None) or ""
-    return {
+    manifest = {
         "input": source.fingerprint(spec.input),
         "model": {"name": lm.name, "weights_sha256": lm.weights_hash, "dtype": lm.dtype},
         "settings": spec.resume_settings(),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
     }
+    if lm.adapters:  # by content: a resume with a retrained checkpoint is refused like a changed setting
+        manifest["adapters"] = adapter_files.manifest(lm.adapters)
+    return manifest
 
 
 def _check_columns(spec: JobSpec) -> None:
@@ -116,7 +120,7 @@ class JobLoop:
         self.spec, self.lm, self.cp, self.stats = spec, lm, cp, stats
         self.progress = progress or (lambda s: None)
         self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
-        self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer)
+        self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer, spec.adapter_names)
         self.grammars = Grammars(lm.tokenizer)  # compiles each distinct constraint once, on first use
         self.rows = source.read_rows(spec.input)
         self.is_exhausted = False
@@ -203,13 +207,16 @@ class JobLoop:
 
     def _admit(self, row: source.Row, item: Item) -> None:
         try:
-            guides = [self._guide(item) for _ in range(item.n)]
+            guides = [self._guide(item) for _ in range(item.n * max(len(item.adapters), 1))]
         except GrammarError as exc:
             self._error(row, RowError("invalid_schema", f"line {row.line}: {exc}"))
             return
-        self.inflight[row.index] = _InFlight(item, [None] * item.n, item.n)
-        for s in range(item.n):
-            self.engine.add(Request((row.index, s), item.tokens, request_params(item, s), guides[s]))
+        adapters = item.adapters or (0,)
+        total = item.n * len(adapters)  # n samples per adapter, adapter after adapter
+        self.inflight[row.index] = _InFlight(item, [None] * total, total)
+        for k in range(total):  # sample k % n draws the same seed under every adapter: a fair comparison
+            self.engine.add(Request((row.index, k), item.tokens, request_params(item, k % item.n), guides[k],
+                                    adapters[k // item.n]))
 
     def _guide(self, item: Item):
         c = item.params.constraint
@@ -265,6 +272,14 @@ class JobLoop:
         self.cp.commit(state)
 
 
+def attach_adapters(lm: models.LoadedModel, opened: list) -> None:
+    """The job's adapters on the loaded model, each checked against it (the engine applies them)."""
+    if lm.model is not None:  # a --workers driver holds no weights: each worker checks its own
+        for adapter in opened:
+            adapter_files.load_weights(adapter, lm.model)
+    lm.adapters = opened
+
+
 def _workers_factory(spec: JobSpec, engine_factory):
     """The pool of Ray workers, or the caller's own factory (tests pass a pool with a stand-in engine)."""
     from mlxbatch.cluster.session import (
@@ -294,7 +309,9 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     if spec.workers:
         engine_factory = _workers_factory(spec, engine_factory)  # before loading: no Ray, no load
     # With workers the driver loads no weights: they live on the workers' devices.
+    opened = adapter_files.open_all(spec.adapter)  # a bad adapter folder stops before the model loads
     lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos, weights=not spec.workers)
+    attach_adapters(lm, opened)
     if on_loaded:
         on_loaded()
     cp = Checkpoint.open(spec.output_dir, build_manifest(spec, lm), restart=spec.restart)

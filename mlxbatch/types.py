@@ -69,6 +69,7 @@ class Item:
     custom_id: str | None = None
     model_field: str | None = None
     kept: dict = field(default_factory=dict)
+    adapters: tuple[int, ...] = ()  # the job's adapters this row runs with, in order; () when it has none
 
     @property
     def is_openai(self) -> bool:
@@ -81,6 +82,7 @@ class Request:
     tokens: list[int]
     params: SamplingParams
     guide: object | None = None  # a grammar.Guide when the output is constrained (the engine masks with it)
+    adapter: int = 0  # index into the model's adapters (LoadedModel.adapters); 0 when it has none
 
 
 @dataclass(frozen=True)

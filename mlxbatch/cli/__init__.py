@@ -75,6 +75,8 @@ def run(
     restart: Optional[bool] = typer.Option(None, "--restart", help="delete this job's results and start over"),
     workers: Optional[int] = typer.Option(None, "--workers", help="run on N Ray workers, 1-64, each loading the model once (default: in this process, no Ray)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster: auto or host:port (default: start a local one)"),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="mlx-lm LoRA/DoRA adapter: a folder, a *_adapters.safetensors checkpoint, NAME=PATH or NAME=none (the base model); repeatable, rows pick one with an 'adapter' field (default: the first)"),
+    each_adapter: Optional[bool] = typer.Option(None, "--each-adapter", help="run every row once per --adapter (side-by-side comparison)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
     profile_start: bool = typer.Option(False, "--profile-start", help="print where the first seconds went (imports, model, tokenizer, first steps)"),
 ) -> None:

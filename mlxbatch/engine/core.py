@@ -19,7 +19,7 @@ from mlxbatch.engine.kvcache import BatchCache, SharedPrefix
 from mlxbatch.engine.model_runner import ForwardOptions, ModelRunner, default_options
 from mlxbatch.engine.prefix_cache import PrefixCache
 from mlxbatch.engine.sampling import RowParams, allowed_tokens, sample
-from mlxbatch.engine.scheduler import Scheduler, Unit, token_key
+from mlxbatch.engine.scheduler import Scheduler, Unit, request_key
 from mlxbatch.models import LoadedModel
 from mlxbatch.types import Completion, EngineStats, Request
 
@@ -55,8 +55,11 @@ def _runner(lm: LoadedModel, options: ForwardOptions | None) -> ModelRunner:
     (bench's timed run, a library caller's next job) reuses its fused weights and compiled
     layers instead of fusing and tracing again. Only one is kept: each holds fused weights."""
     options = options or default_options()
-    if lm.runner is None or lm.runner.options != options:
-        lm.runner = ModelRunner(lm.model, options)
+    adapters = lm.adapters or None
+    if lm.runner is None or lm.runner.options != options or lm.runner.adapters is not adapters:
+        if lm.runner is not None:
+            lm.runner.close()  # its adapters leave the model before another runner wraps it
+        lm.runner = ModelRunner(lm.model, options, adapters)
     return lm.runner
 
 
@@ -151,13 +154,17 @@ class Engine:
     # ------------------------------------------------------------ decode
     def _decode(self, tokens: mx.array):
         self._cache.layout.begin(mx.ones((len(self._rows), 1), dtype=mx.bool_))
-        logits = self.runner.forward_last(tokens[:, None], self._cache)
+        logits = self.runner.forward_last(tokens[:, None], self._cache, self._adapters(r.request for r in self._rows))
         allowed = self._allowed(self._rows, logits.shape[-1]) if self._num_guided else None
         sampled, logprobs = sample(logits, self._params, with_logprobs=self._wants_logprobs, allowed=allowed)
         self._params.counter = self._params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.async_eval(sampled, *(extra or ()))
         return sampled, extra
+
+    def _adapters(self, requests) -> list[int] | None:
+        """Each request's adapter index, where the model has adapters (the runner gathers their updates)."""
+        return [r.adapter for r in requests] if self.runner.bank is not None else None
 
     def _allowed(self, rows: list, vocab: int) -> mx.array:
         """bool [B, vocab]: what each live guided row's grammar allows next; every token for the others."""
@@ -294,7 +301,7 @@ class Engine:
         else copied into each row."""
         if not p:
             return self.runner.new_cache(len(reqs))
-        prefix = self._prefix(reqs[0].tokens[:p])
+        prefix = self._prefix(reqs[0].tokens[:p], reqs[0].adapter)  # a unit's rows share their adapter when p > 0
         if self._should_share(len(reqs), p):
             cache = self.runner.new_cache(len(reqs))
             cache.layout.share(prefix)
@@ -316,11 +323,12 @@ class Engine:
         unit, cache, tokens, valid, start = self._filling
         stop = min(start + self.prefill_chunk, tokens.shape[1])
         cache.layout.begin(valid[:, start:stop])
+        adapters = self._adapters(unit.requests)
         if stop < tokens.shape[1]:
-            self.runner.forward_hidden(tokens[:, start:stop], cache)
+            self.runner.forward_hidden(tokens[:, start:stop], cache, adapters)
             self._filling = (unit, cache, tokens, valid, stop)
             return
-        logits = self.runner.forward_last(tokens[:, start:stop], cache)
+        logits = self.runner.forward_last(tokens[:, start:stop], cache, adapters)
         self._filling = None
         self._join(unit, cache, logits)
 
@@ -349,10 +357,10 @@ class Engine:
         self._rows = self._rows + rows
         self._num_alive += len(rows)
 
-    def _prefix(self, prefix: list[int]) -> SharedPrefix:
-        """A prompt prefix's KV (batch 1), from the LRU (the same object) or computed and cached;
-        a cached shorter prefix of it is extended rather than recomputed."""
-        key = token_key(prefix)
+    def _prefix(self, prefix: list[int], adapter: int = 0) -> SharedPrefix:
+        """A prompt prefix's KV (batch 1) under one adapter, from the LRU (the same object) or computed
+        and cached; a cached shorter prefix of it is extended rather than recomputed."""
+        key = request_key(prefix, adapter)
         self.stats.prefix_lookups += 1
         found = self.prefix_cache.longest(key)
         have = found.length if found else 0
@@ -366,7 +374,7 @@ class Engine:
         for start in range(0, rest.shape[1], self.prefill_chunk):
             chunk = rest[:, start : start + self.prefill_chunk]
             cache.layout.begin(mx.ones(chunk.shape, dtype=mx.bool_))
-            self.runner.forward_hidden(chunk, cache)
+            self.runner.forward_hidden(chunk, cache, [adapter] if self.runner.bank else None)
         self.stats.prompt_computed += rest.shape[1]
         stored = SharedPrefix(key, [tuple(mx.contiguous(x) for x in kv) for kv in cache.prefix_kv()], len(prefix))
         mx.eval([x for kv in stored.kv for x in kv])

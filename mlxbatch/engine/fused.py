@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxbatch.engine.attention import AttendOptions, additive, attend
+from mlxbatch.engine.lora import concat, unwrap
 
 
 class FusedProjection:
@@ -46,6 +47,7 @@ class FusedProjection:
         if any(has_bias) and not all(has_bias):
             raise ValueError("some layers have a bias and some do not")
         self.bias = mx.concatenate([m.bias for m in layers]) if all(has_bias) else None
+        self.lora = None  # a lora.Delta when adapters target these layers (set by `fuse`)
 
     def arrays(self) -> list:
         extra = [self.scales, self.qbiases] if self.is_quantized else []
@@ -57,6 +59,8 @@ class FusedProjection:
                                     group_size=self.group_size, bits=self.bits, mode=self.mode)
         else:
             y = x @ self.weight.T
+        if self.lora is not None:  # each row's adapter update, before the bias (DoRA scales there)
+            y = self.lora(x, y)
         if self.bias is not None:
             y = y + self.bias
         return mx.split(y, self.splits, axis=-1)
@@ -95,8 +99,11 @@ def fuse(model: nn.Module) -> list | None:
             attn, mlp = layer.self_attn, layer.mlp
             pair = []
             for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+                group, deltas = zip(*(unwrap(m) for m in group))  # adapters wrap the layers (engine/lora.py)
                 proj = FusedProjection(group)
                 mx.eval(proj.arrays())
+                if any(deltas):
+                    proj.lora = concat(next(d for d in deltas if d).bank, deltas, [_out_dims(m) for m in group])
                 _point_at_slices(group, proj)
                 pair.append(proj)
             out.append(tuple(pair))
@@ -164,7 +171,7 @@ class DecodePlan:
         layers = model.model.layers
         plain = all(type(m) is nn.Linear and "bias" not in m for l in layers
                     for m in (l.self_attn.o_proj, l.mlp.down_proj))
-        plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
+        plain = plain and all(not p.is_quantized and p.bias is None and p.lora is None for pair in fused for p in pair)
         plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
         return cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm, dense_q=dense_q) if plain else None
 

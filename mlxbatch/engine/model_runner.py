@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 from mlxbatch.engine.attention import AttendOptions
 from mlxbatch.engine.fused import DecodePlan, fuse, hidden_states
 from mlxbatch.engine.kvcache import BatchCache
+from mlxbatch.engine.lora import Bank
 
 # Architectures whose mlx-lm Model is `model.model(...)` then lm_head / tied embedding.
 _FAST_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
@@ -39,6 +40,8 @@ class ForwardOptions:
     small_model_bytes: int = 0  # below it a model is bound by operations per step: it copies prefixes
     # while the copies fit the KV budget
     max_blocked_scores: int = AttendOptions.max_blocked_scores  # see AttendOptions
+    adapter_mode: str = "auto"  # rows' adapter updates: dense | gather | auto (engine/lora.py)
+    fuse_adapter: bool = True  # a lone adapter (no base rows) folded into float weights at load
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "ForwardOptions":
@@ -96,9 +99,14 @@ def device_backend() -> str:
 class ModelRunner:
     """Runs one model over a BatchCache; built once per engine."""
 
-    def __init__(self, model: nn.Module, options: ForwardOptions | None = None):
+    def __init__(self, model: nn.Module, options: ForwardOptions | None = None, adapters: list | None = None):
         self.model = model
         self.options = options or default_options()
+        self.adapters = adapters
+        self.bank = None
+        if adapters:  # before fusing: fused q/k/v and gate/up take the wrapped layers' updates along
+            self.bank = Bank(model, adapters, mode=self.options.adapter_mode)
+            self.bank.attach(fuse_single=self.options.fuse_adapter)
         self.is_fast_head = getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model")
         self.fused = fuse(model) if self.options.fused else None
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -115,7 +123,19 @@ class ModelRunner:
         on = [k for k, v in asdict(self.options).items() if v is True]
         on = [f"{k} (from {self.options.min_shared_tokens} tokens)" if k == "shared_prefix" else k for k in on]
         path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
-        return f"forward: {path}; " + ", ".join(on)
+        return f"forward: {path}; " + ", ".join(on) + (f"; {self.bank.describe()}" if self.bank else "")
+
+    def close(self) -> None:
+        """Give the model back as it was loaded (adapter wrappers removed, fused adapter weights restored)."""
+        if self.bank is not None:
+            self.bank.detach()
+            self.bank = None
+
+    def _begin(self, tokens: mx.array, adapters: list[int] | None) -> None:
+        """Each row's adapter for this forward (the job's first when not given); only a per-row bank
+        reads them: a fused lone adapter is already in the weights."""
+        if self.bank is not None and not self.bank.is_fused:
+            self.bank.begin(adapters if adapters is not None else [0] * tokens.shape[0])
 
     def new_cache(self, batch: int) -> BatchCache:
         return BatchCache(self.num_layers, batch, full_buffer=self.options.full_buffer)
@@ -135,11 +155,13 @@ class ModelRunner:
                                  plan=self.plan)
         return self.model.model(tokens, cache=cache.layers)
 
-    def forward_last(self, tokens: mx.array, cache: BatchCache) -> mx.array:
+    def forward_last(self, tokens: mx.array, cache: BatchCache, adapters: list[int] | None = None) -> mx.array:
         """Logits [B, vocab] of the last column only, advancing the cache by the input width.
 
-        The caller has already declared the new columns' validity with `layout.begin`.
+        The caller has already declared the new columns' validity with `layout.begin`;
+        `adapters`: each row's adapter index (engine/lora.py) where the model has adapters.
         """
+        self._begin(tokens, adapters)
         if self.is_fast_head:
             h = self._hidden(tokens, cache)[:, -1, :]
             m = self.model
@@ -147,10 +169,15 @@ class ModelRunner:
         else:  # other architectures: the full call (projects every position)
             logits = self.model(tokens, cache=cache.layers)[:, -1, :]
         cache.layout.end(tokens.shape[1])
+        if self.bank is not None:
+            self.bank.end()
         return logits
 
-    def forward_hidden(self, tokens: mx.array, cache: BatchCache) -> None:
+    def forward_hidden(self, tokens: mx.array, cache: BatchCache, adapters: list[int] | None = None) -> None:
         """Fill the cache for `tokens` without projecting any logits (prefill chunks)."""
+        self._begin(tokens, adapters)
         out = self._hidden(tokens, cache) if self.is_fast_head else self.model(tokens, cache=cache.layers)
         cache.layout.end(tokens.shape[1])
+        if self.bank is not None:
+            self.bank.end()
         mx.eval(out, *cache.arrays())  # bound the lazy graph between chunks

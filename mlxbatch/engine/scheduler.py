@@ -24,6 +24,15 @@ def token_key(tokens: list[int]) -> bytes:
     return a.tobytes()
 
 
+_ADAPTER_TAG = 0xFFFF0000  # above any vocabulary: a tagged key never shares a prefix with a token
+
+
+def request_key(tokens: list[int], adapter: int = 0) -> bytes:
+    """A request's sort and prefix-cache key: its tokens, after one tag token for adapters other than
+    the first. Why: a prefix's KV depends on the adapter, so rows share one only with their own."""
+    return token_key([_ADAPTER_TAG + adapter, *tokens] if adapter else tokens)
+
+
 def common_prefix(a: bytes, b: bytes) -> int:
     """Length in tokens of the common prefix of two token keys (binary search on slices)."""
     lo, hi = 0, min(len(a), len(b)) // 4
@@ -56,13 +65,14 @@ class Scheduler:
     def add(self, request) -> None:
         self._seq += 1
         self._waiting[self._seq] = request
-        bisect.insort(self._sorted, (token_key(request.tokens), self._seq))
+        bisect.insort(self._sorted, (request_key(request.tokens, request.adapter), self._seq))
 
     def next_unit(self, *, max_rows: int, max_prefill_tokens: int) -> Unit | None:
         if not self._waiting or max_rows <= 0:
             return None
         anchor_seq = next(iter(self._waiting))
-        anchor_key = token_key(self._waiting[anchor_seq].tokens)
+        anchor = self._waiting[anchor_seq]
+        anchor_key = request_key(anchor.tokens, anchor.adapter)
         pos = bisect.bisect_left(self._sorted, (anchor_key, anchor_seq))
         shared = self._neighbours(pos, anchor_key, limit=4 * max_rows)
         anchor_len = len(anchor_key) // 4
@@ -71,6 +81,7 @@ class Scheduler:
         chosen = shared[:max_rows]
         chosen = self._cap_tokens(chosen, max_prefill_tokens)
         prefix = min(min(c[1] for c in chosen), min(c[2] for c in chosen) - 1)
+        prefix -= 1 if anchor.adapter else 0  # the tag token is no prompt token (shared by all, or prefix is 0)
         requests = [self._take(idx) for idx in sorted((c[0] for c in chosen), reverse=True)]
         return Unit(requests[::-1], max(prefix, 0))
 

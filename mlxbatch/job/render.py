@@ -105,7 +105,24 @@ class Renderer:
         """An item without tokens yet: `render_many` tokenizes a whole batch of them at once."""
         params, n = self._params(overrides, row.line, kind.startswith("openai"))
         kept = {k: row.data[k] for k in self.spec.keep_fields if k in row.data}
-        return Item(row.index, row.line, rid, kind, None, params, n, messages, prompt, kept=kept, **extra)
+        adapters = self._adapters(row, overrides if kind.startswith("openai") else None)
+        return Item(row.index, row.line, rid, kind, None, params, n, messages, prompt, kept=kept,
+                    adapters=adapters, **extra)
+
+    def _adapters(self, row: Row, body: dict | None) -> tuple[int, ...]:
+        """The job's adapters this row runs with: its `adapter` field's (or an OpenAI body.model naming
+        one), else every adapter with --each-adapter, else the first; () for a job without adapters."""
+        names = self.spec.adapter_names
+        chosen = row.data.get("adapter")
+        if chosen is None and body is not None and body.get("model") in names:
+            chosen = body["model"]
+        if chosen is None:
+            return tuple(range(len(names))) if self.spec.each_adapter else (0,) if names else ()
+        if not isinstance(chosen, str) or chosen not in names:
+            known = f"this job's adapters: {', '.join(names)}" if names else "this job has none (give --adapter NAME=PATH)"
+            raise RowError("invalid_field", f"line {row.line}: field 'adapter' is {chosen!r}, no adapter of this job; "
+                           f"{known}")
+        return (names.index(chosen),)
 
     def render_many(self, rows: list[Row]) -> list:
         """Each row's Item (tokenized) or RowError, in order; one tokenizer call for all."""

@@ -22,6 +22,7 @@ MAX_N = 256
 MAX_TOKENS = 1_000_000
 MAX_TOP_LOGPROBS = 20
 MAX_WORKERS = 64
+BASE_ADAPTER = "none"  # an adapter path meaning the base model
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,37 @@ def _choice(r: Rule, v):
     return v
 
 
+def _adapters(r: Rule, v):
+    """`PATH`, `NAME=PATH`, `NAME=none`, a list of them, or a {name: path} table -> ((name, path|None), ...)."""
+    if isinstance(v, dict):
+        items = list(v.items())
+    else:
+        if isinstance(v, (str, Path)):
+            v = [v]
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, (str, Path)) and str(x) for x in v):
+            raise ValueError(f"must be PATH or NAME=PATH (or a list of them), got {v!r}")
+        items = [_adapter_item(str(x)) for x in v]
+    out, names = [], set()
+    for name, path in items:
+        if not isinstance(name, str) or not name or not isinstance(path, (str, Path)) or not str(path):
+            raise ValueError(f"needs a name and a path (or none) for each adapter, got {name!r} = {path!r}")
+        if name in names:
+            raise ValueError(f"names adapter {name!r} twice")
+        names.add(name)
+        out.append((name, None if str(path).lower() == BASE_ADAPTER else str(path)))
+    return tuple(out)
+
+
+def _adapter_item(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    if text.lower() == BASE_ADAPTER:
+        return "base", text
+    stem = Path(text.rstrip("/")).name.removesuffix(".safetensors")  # unnamed: the folder's or file's name
+    return stem or text, text
+
+
 def _path(r: Rule, v):
     if not isinstance(v, (str, Path)) or not str(v):
         raise ValueError(f"must be a path, got {v!r}")
@@ -103,7 +135,7 @@ def _path(r: Rule, v):
 
 
 _CHECKS = {"int": _int, "number": _number, "bool": _bool, "text": _text, "name": _name, "texts": _texts,
-           "choice": _choice, "path": _path}
+           "choice": _choice, "path": _path, "adapters": _adapters}
 
 # Every key a user can set, by the name they type: `--max-tokens`, `max_tokens = ...` in a job
 # file, or `"max_tokens": ...` in a row (ROW_KEYS). One table, so the three can never disagree.
@@ -139,6 +171,9 @@ RULES: dict[str, Rule] = {
     "regex": Rule("name", is_optional=True),  # every row's output matches this pattern
     "workers": Rule("int", 1, MAX_WORKERS, is_optional=True),  # None: the in-process engine, no Ray
     "ray_address": Rule("name", is_optional=True),  # None: a local Ray; "auto" or host:port: join one
+    "adapter": Rule("adapters"),  # mlx-lm LoRA/DoRA adapters: PATH, NAME=PATH, NAME=none (the base model)
+    "adapters": Rule("adapters"),  # the job file's table of them: [adapters] name = "path"
+    "each_adapter": Rule("bool"),  # every row once per adapter
 }
 # The SamplingParams fields set by a key of the same name; `logprobs` is built from two keys.
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("logprobs", "constraint"))
@@ -175,6 +210,13 @@ class JobSpec:
     # Ray workers: how the job runs, not what it writes (a resume may use another count).
     workers: int | None = field(default=None, metadata=_RUN_ONLY)
     ray_address: str | None = field(default=None, metadata=_RUN_ONLY)
+    # (name, path or None) in order; the manifest checks them by content (runner.build_manifest).
+    adapter: tuple[tuple[str, str | None], ...] = field(default=(), metadata=_RUN_ONLY)
+    each_adapter: bool = False
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.adapter)
 
     def validate(self) -> "JobSpec":
         """Checks that need several fields; returns the spec with automatic values resolved."""
@@ -184,6 +226,8 @@ class JobSpec:
             raise UsageError(f"output {self.output} is the input file; choose another folder")
         if self.ray_address is not None and self.workers is None:
             raise UsageError(f"--ray-address {self.ray_address} needs --workers N (how many workers to start there)")
+        if self.each_adapter and not self.adapter:
+            raise UsageError("--each-adapter needs adapters: give --adapter NAME=PATH (and base=none for the base model)")
         spec = self
         if self.ignore_eos is None:  # resolved here so a resume compares what runs, not what was typed
             spec = replace(spec, ignore_eos=self.model.startswith("random:"))
@@ -224,6 +268,8 @@ class JobSpec:
         out = dataclasses.asdict(self.sampling)
         if out["constraint"] is None:
             del out["constraint"]  # folders of jobs without one resume as before this setting existed
+        if not self.each_adapter:
+            out.pop("each_adapter", None)  # likewise
         for f in fields(self):
             if f.name != "sampling" and f.metadata.get("is_resume_setting", True):
                 out[f.name] = getattr(self, f.name)
@@ -269,6 +315,13 @@ def load_job_file(path: Path) -> dict:
     for key in ("input", "output", "json_schema"):
         if data.get(key) is not None and not data[key].is_absolute():
             data[key] = (path.parent / data[key]).resolve()
+    if "adapters" in data:
+        if "adapter" in data:
+            raise UsageError(f"{path}: give adapters as `adapter = [...]` or an [adapters] table, not both")
+        data["adapter"] = data.pop("adapters")
+    if "adapter" in data:
+        data["adapter"] = tuple((n, p if p is None or Path(p).expanduser().is_absolute() else str(path.parent / p))
+                                for n, p in data["adapter"])
     return data
 
 

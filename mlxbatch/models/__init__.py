@@ -97,6 +97,7 @@ class LoadedModel:
     eos_token_ids: set[int] = field(default_factory=set)
     context_length: int = 2048
     runner: object = field(default=None, repr=False, compare=False)  # the engine's last ModelRunner for it
+    adapters: list = field(default_factory=list, repr=False)  # models/adapters.Adapter, the job's order
 
     @property
     def is_random(self) -> bool:

@@ -48,22 +48,29 @@ def _parsed(c: Completion):
 class RecordMaker:
     """Turns a finished item (all its samples) into the bytes of its output lines."""
 
-    def __init__(self, fmt: str | None, model_name: str, tokenizer):
+    def __init__(self, fmt: str | None, model_name: str, tokenizer, adapters: tuple[str, ...] = ()):
         self.fmt = fmt
         self.model_name = model_name
         self.tokenizer = tokenizer
+        self.adapters = adapters  # the job's adapter names: records say which one made them
 
     def format_for(self, item: Item) -> str:
         return self.fmt or ("openai" if item.is_openai else "results")
 
     def records(self, item: Item, done: list[Completion]) -> bytes:
+        """The item's lines: `done` holds n samples per adapter it ran with, adapter after adapter."""
         fmt = self.format_for(item)
-        if fmt == "openai":
-            return orjson.dumps(self._openai(item, done), option=_DUMP)
-        lines = [self._one(fmt, item, c, i) for i, c in enumerate(done)]
+        if fmt == "openai":  # one Batch line per adapter, its body's model naming it
+            groups = [done[i : i + item.n] for i in range(0, len(done), item.n)]
+            return b"".join(orjson.dumps(self._openai(item, g, self._adapter(item, k * item.n)), option=_DUMP)
+                            for k, g in enumerate(groups))
+        lines = [self._one(fmt, item, c, i % item.n, self._adapter(item, i)) for i, c in enumerate(done)]
         return b"".join(orjson.dumps(x, option=_DUMP) for x in lines)
 
-    def _one(self, fmt: str, item: Item, c: Completion, sample: int) -> dict:
+    def _adapter(self, item: Item, i: int) -> str | None:
+        return self.adapters[item.adapters[i // item.n]] if item.adapters else None
+
+    def _one(self, fmt: str, item: Item, c: Completion, sample: int, adapter: str | None = None) -> dict:
         if fmt == "results":
             rec = {"id": item.id, "output": c.text, "finish_reason": c.finish_reason,
                    "usage": _usage(c.prompt_tokens, c.completion_tokens)}
@@ -86,10 +93,12 @@ class RecordMaker:
             rec["finish_reason"] = c.finish_reason
             if item.n > 1:
                 rec["sample"] = sample
+        if adapter is not None:  # `mlxbatch export --adapter` filters on it (and strips it)
+            rec["adapter"] = adapter
         return {**rec, **item.kept}
 
     # ------------------------------------------------------------ OpenAI shapes
-    def _openai(self, item: Item, done: list[Completion]) -> dict:
+    def _openai(self, item: Item, done: list[Completion], adapter: str | None = None) -> dict:
         cid = item.custom_id or item.id
         is_completion = item.kind == "openai-completion"
         choices = [self._completion_choice(c, i) if is_completion else self._chat_choice(c, i)
@@ -98,7 +107,7 @@ class RecordMaker:
             "id": ("cmpl-" if is_completion else "chatcmpl-") + _short_hash(cid),
             "object": "text_completion" if is_completion else "chat.completion",
             "created": int(time.time()),
-            "model": item.model_field or self.model_name,
+            "model": adapter or item.model_field or self.model_name,
             "choices": choices,
             "usage": _usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done)),
         }
