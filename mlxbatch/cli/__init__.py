@@ -170,14 +170,17 @@ def export_cmd(
     dedupe: bool = typer.Option(False, "--dedupe", help="drop exact duplicates"),
     seed: int = typer.Option(0, "--seed", help="shuffle seed"),
     parquet: bool = typer.Option(False, "--parquet", help="also write .parquet files"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="only the records this adapter (of the job's --adapter names) made"),
+    by_adapter: bool = typer.Option(False, "--by-adapter", help="one folder of splits per adapter: TO/NAME/train.jsonl ..."),
 ) -> None:
     """Write train/valid files that mlx-lm's LoRA trainer (and TRL) read as they are."""
     from mlxbatch.output.export import export
 
     info = export(folder, fmt=fmt, split=split, to=to, drop_truncated=drop_truncated, dedupe=dedupe,
-                  seed=seed, parquet=parquet, order=order)
-    typer.echo(f"wrote {to}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "dropped")
-               + f"; dropped {info['dropped']}")
+                  seed=seed, parquet=parquet, order=order, adapter=adapter, by_adapter=by_adapter)
+    for where, part in ({to / k: v for k, v in info.items()} if by_adapter else {to: info}).items():
+        typer.echo(f"wrote {where}: " + ", ".join(f"{k} {v}" for k, v in part.items() if k != "dropped")
+                   + f"; dropped {part['dropped']}")
 
 
 @models_app.command("list")

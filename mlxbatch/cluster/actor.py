@@ -16,10 +16,11 @@ import socket
 import time
 
 from mlxbatch import __version__, models
+from mlxbatch.models import adapters as adapter_files
 from mlxbatch.types import Completion, EngineStats, Request
 
 DEFAULT_ENGINE = "mlxbatch.engine:Engine"
-PROTOCOL = 2  # the shape of start()'s and work()'s answers: the driver refuses a worker with another
+PROTOCOL = 3  # the shape of start()'s and work()'s answers: the driver refuses a worker with another
 
 
 def load_object(path: str):
@@ -36,8 +37,9 @@ def load_object(path: str):
 
 class Worker:
     def __init__(self, model: str, *, dtype: str, ignore_eos: bool | None, max_batch: int | None,
-                 max_kv_gb: float | None, engine: str = DEFAULT_ENGINE):
+                 max_kv_gb: float | None, engine: str = DEFAULT_ENGINE, adapters: tuple = ()):
         self.args = dict(model=model, dtype=dtype, ignore_eos=ignore_eos)
+        self.adapters = adapters  # (name, absolute path or None) as the driver opened them
         self.engine_args = dict(max_batch=max_batch, max_kv_gb=max_kv_gb)
         self.engine_path = engine
         self.engine = None
@@ -46,20 +48,24 @@ class Worker:
     def start(self) -> dict:
         """Load the model and build the engine; what the driver checks and shows."""
         lm = models.load(self.args["model"], dtype=self.args["dtype"], ignore_eos=self.args["ignore_eos"])
+        opened = adapter_files.open_all(self.adapters)
+        for adapter in opened:
+            adapter_files.load_weights(adapter, lm.model)
+        lm.adapters = opened
         self.engine = load_object(self.engine_path)(lm, **self.engine_args)
         self.tokenizer = lm.tokenizer
         return {"pid": os.getpid(), "host": socket.gethostname(), "version": __version__, "protocol": PROTOCOL,
-                "weights_sha256": lm.weights_hash,
+                "weights_sha256": lm.weights_hash, "adapters_sha256": adapter_files.digest(opened) if opened else "",
                 "dtype": lm.dtype, "max_batch": self.engine.max_batch, "backend": models.backend(),
                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),  # Ray's placement, where it gave GPUs
                 "forward": self.engine.stats.forward}
 
     def work(self, requests: list[tuple], budget_s: float) -> tuple[list[Completion], EngineStats, float]:
-        """Add (key, tokens, params) requests, then step until `budget_s` has passed or nothing is left;
+        """Add (key, tokens, params, adapter) requests, then step until `budget_s` has passed or nothing is left;
         returns what finished, the engine's counters and the seconds this call spent."""
         started = time.monotonic()
-        for key, tokens, params in requests:
-            self.engine.add(Request(key, tokens, params, self._guide(params.constraint)))
+        for key, tokens, params, adapter in requests:
+            self.engine.add(Request(key, tokens, params, self._guide(params.constraint), adapter))
         done: list[Completion] = []
         deadline = started + budget_s
         while self.engine.has_work and time.monotonic() < deadline:

@@ -24,6 +24,7 @@ from mlxbatch.cluster.actor import DEFAULT_ENGINE, PROTOCOL, Worker
 from mlxbatch.cluster.routing import PrefixRouter
 from mlxbatch.cluster.session import Session
 from mlxbatch.errors import ModelError, WorkerError
+from mlxbatch.models import adapters as adapter_files
 from mlxbatch.types import Completion, EngineStats, Request, WorkerStatus
 
 BUDGET_S = 0.3  # each call steps its engine this long: one round trip per worker per 0.3 s
@@ -44,7 +45,8 @@ _CUMULATIVE = tuple(f.name for f in fields(EngineStats) if f.type in ("int", int
 def pool_factory(spec, *, engine: str = DEFAULT_ENGINE):
     """An engine factory for JobLoop: builds a pool of `spec.workers` actors running `engine`."""
     return partial(WorkerPool, num_workers=spec.workers, address=spec.ray_address, dtype=spec.dtype,
-                   ignore_eos=spec.ignore_eos, engine=engine, defer_start=True)  # JobLoop renders meanwhile
+                   ignore_eos=spec.ignore_eos, engine=engine, defer_start=True,  # JobLoop renders meanwhile
+                   adapters=tuple((n, p and str(Path(p).expanduser().resolve())) for n, p in spec.adapter))
 
 
 def worker_model(spec: str) -> str:
@@ -114,7 +116,8 @@ class WorkerPool:
 
     def __init__(self, lm, *, max_batch: int | None = None, max_kv_gb: float | None = None, num_workers: int,
                  address: str | None = None, dtype: str = "auto", ignore_eos: bool | None = None,
-                 engine: str = DEFAULT_ENGINE, max_restarts: int = MAX_RESTARTS, defer_start: bool = False):
+                 engine: str = DEFAULT_ENGINE, max_restarts: int = MAX_RESTARTS, defer_start: bool = False,
+                 adapters: tuple = ()):
         self.lm, self.max_restarts = lm, max_restarts
         self.session = Session(address, num_workers=num_workers)
         self.ray = self.session.ray
@@ -122,7 +125,7 @@ class WorkerPool:
             options = self.session.actor_options(num_workers)
             self._actor_cls = self.ray.remote(**options)(Worker)
             self._worker_args = dict(dtype=dtype, ignore_eos=ignore_eos, max_batch=max_batch, max_kv_gb=max_kv_gb,
-                                     engine=engine)
+                                     engine=engine, adapters=adapters)
             self.slots = [_Slot(i, max_batch or 0) for i in range(num_workers)]
             self.stats = EngineStats()
             self.workers = [s.status for s in self.slots]  # the dashboard reads these as they change
@@ -212,6 +215,10 @@ class WorkerPool:
                 f"{slot.status.name} on {info['host']} loads {self.lm.name} as {info['dtype']} with weights sha256 "
                 f"{info['weights_sha256'][:12]}, the driver as {self.lm.dtype} with {self.lm.weights_hash[:12]}: "
                 "every machine needs the same model files (and --dtype when backends differ)")
+        wanted = adapter_files.digest(self.lm.adapters) if self.lm.adapters else ""
+        if info.get("adapters_sha256", "") != wanted:
+            raise ModelError(f"{slot.status.name} on {info['host']} reads other adapter files than the driver: "
+                             "every machine needs the same adapter files at the same paths")
         slot.is_starting = False
         slot.max_batch = info["max_batch"]
         slot.stats = EngineStats(capacity=slot.max_batch, forward=info["forward"])  # until its first results
@@ -238,7 +245,7 @@ class WorkerPool:
             return False  # the call in flight carries on with what it holds: no empty round trips
         for r in batch:
             slot.inflight[r.key] = r
-        slot.calls.append(slot.actor.work.remote([(r.key, r.tokens, r.params) for r in batch], BUDGET_S))
+        slot.calls.append(slot.actor.work.remote([(r.key, r.tokens, r.params, r.adapter) for r in batch], BUDGET_S))
         return True
 
     def _steal_for(self, thief: _Slot) -> None:

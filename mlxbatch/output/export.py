@@ -23,7 +23,7 @@ from mlxbatch.output.fs import create_temp, io_error, publish
 from mlxbatch.output.journal import FILES, JOURNAL, RESULTS, RESULTS_FILE
 
 SHAPES = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
-_BOOKKEEPING = ("finish_reason", "sample")
+_BOOKKEEPING = ("finish_reason", "sample", "adapter")
 ORDERS = ("shuffled", "input")
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -34,6 +34,15 @@ def _records(folder: Path):
         raise InputFileError(f"{folder}: no {RESULTS_FILE} (is this a job output folder?)")
     for line in journal.read(folder).lines(RESULTS):
         yield orjson.loads(line)
+
+
+def adapter_names(folder: Path) -> list[str]:
+    """The adapters named in a job's records, in order of first appearance."""
+    seen = {}
+    for rec in _records(folder):
+        if isinstance(rec.get("adapter"), str):
+            seen.setdefault(rec["adapter"], None)
+    return list(seen)
 
 
 def _parse_split(split: str) -> list[float]:
@@ -47,7 +56,16 @@ def _parse_split(split: str) -> list[float]:
 
 
 def export(folder: Path, *, fmt: str, split: str, to: Path, drop_truncated: bool, dedupe: bool,
-           seed: int = 0, parquet: bool = False, order: str = "shuffled") -> dict:
+           seed: int = 0, parquet: bool = False, order: str = "shuffled", adapter: str | None = None,
+           by_adapter: bool = False) -> dict:
+    """`adapter`: only the records that adapter made; `by_adapter`: one folder of splits per adapter."""
+    if by_adapter:
+        names = adapter_names(folder)
+        if not names:
+            raise InputFileError(f"{folder}: no record names an adapter (was the job run with --adapter?)")
+        return {name: export(folder, fmt=fmt, split=split, to=to / name, drop_truncated=drop_truncated,
+                             dedupe=dedupe, seed=seed, parquet=parquet, order=order, adapter=name)
+                for name in names}
     if fmt not in (*SHAPES, "records"):
         raise UsageError(f"--format must be one of {', '.join(SHAPES)}, records")
     if order not in ORDERS:
@@ -55,6 +73,8 @@ def export(folder: Path, *, fmt: str, split: str, to: Path, drop_truncated: bool
     fractions = _parse_split(split)
     dropped = {"truncated": 0, "duplicate": 0, "other_shape": 0}
     records = records_in_input_order(folder) if order == "input" else _records(folder)
+    if adapter is not None:
+        records = (r for r in records if r.get("adapter") == adapter)
     kept = _kept(records, fmt, drop_truncated=drop_truncated, dedupe=dedupe, dropped=dropped)
     if order == "input":
         to.mkdir(parents=True, exist_ok=True)
