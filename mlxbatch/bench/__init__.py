@@ -1,6 +1,7 @@
 """`mlxbatch bench`: named workloads through mlxbatch and peers, in one process.
 
-Owns: the workloads (parallm-325, shared-prefix, mixed-lengths, long-outputs),
+Owns: the workloads (parallm-325, shared-prefix, mixed-lengths, long-outputs; adapters in
+bench/adapters.py),
 running them through `run_job` (the same path as `mlxbatch run`), through
 mlx-lm's `batch_generate`, and through HF transformers static batching where
 torch is installed; the result table. Does not own: any engine code.
@@ -64,7 +65,8 @@ def _long_outputs(n: int | None):
 
 
 WORKLOADS = {"parallm-325": _parallm, "shared-prefix": _shared_prefix,
-             "mixed-lengths": _mixed_lengths, "long-outputs": _long_outputs}
+             "mixed-lengths": _mixed_lengths, "long-outputs": _long_outputs,
+             "adapters": _parallm}  # its own systems: bench/adapters.py
 
 
 def unique_prompt_tokens(prompts: list[list[int]]) -> int:
@@ -186,6 +188,12 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
               batch_size: int | None, dtype: str, peers: list[str], as_json: bool, repeat: int = 3) -> str:
     if workload not in WORKLOADS:
         raise UsageError(f"unknown workload {workload!r} (workloads: {', '.join(WORKLOADS)})")
+    if workload == "adapters":
+        from mlxbatch.bench.adapters import report, run_adapters_bench
+
+        summary = run_adapters_bench(model=model, max_tokens=max_tokens, num_prompts=num_prompts,
+                                     batch_size=batch_size, dtype=dtype, peers=peers, repeat=repeat)
+        return json.dumps(summary, default=str) if as_json else report(summary)
     messages, default_tokens = WORKLOADS[workload](num_prompts)
     max_tokens = max_tokens or default_tokens
     lm = models.load(model, dtype=dtype)

@@ -141,7 +141,7 @@ def validate(
 
 @app.command()
 def bench(
-    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs"),
+    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | adapters"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts"),

@@ -56,11 +56,16 @@ def _runner(lm: LoadedModel, options: ForwardOptions | None) -> ModelRunner:
     layers instead of fusing and tracing again. Only one is kept: each holds fused weights."""
     options = options or default_options()
     adapters = lm.adapters or None
-    if lm.runner is None or lm.runner.options != options or lm.runner.adapters is not adapters:
+    if lm.runner is None or lm.runner.options != options or not _same_adapters(lm.runner.adapters, adapters):
         if lm.runner is not None:
             lm.runner.close()  # its adapters leave the model before another runner wraps it
         lm.runner = ModelRunner(lm.model, options, adapters)
     return lm.runner
+
+
+def _same_adapters(a: list | None, b: list | None) -> bool:
+    """The same adapters by name and content (a later job reopens the same files)."""
+    return [x.manifest_entry() for x in a or ()] == [x.manifest_entry() for x in b or ()]
 
 
 def _default_kv_bytes() -> int:

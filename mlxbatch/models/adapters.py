@@ -156,6 +156,9 @@ def load_weights(adapter: Adapter, model) -> None:
 def _check_module(adapter: Adapter, module: str, arrays: dict, target, leaves) -> None:
     import mlx.nn as nn
 
+    from mlxbatch.engine.lora import unwrap
+
+    target = unwrap(target)[0]  # a model an earlier job's adapters still wrap: check its base layer
     where = f"{adapter.weights_file}: {module}"
     missing = [leaf for leaf in leaves if leaf not in arrays]
     if missing:
