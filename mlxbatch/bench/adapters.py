@@ -116,19 +116,21 @@ def run_adapters_bench(*, model: str, max_tokens: int | None, num_prompts: int |
         work = Path(work)
         folders = [write_random_adapter(work / f"adapter{k}", lm.model, rank=RANK, seed=k) for k in range(NUM_ADAPTERS)]
         named = tuple((f"a{k}", str(f)) for k, f in enumerate(folders))
+        # Each takes how many adapters to run: the untimed warm-up of a per-adapter system runs one
+        # (every adapter has the same shapes), the timed runs all of them.
         systems = {
-            "mlxbatch mixed (one job)": lambda: _job(lm, messages, work, max_tokens, batch, adapter=named, each=True),
-            "mlxbatch base model, same rows": lambda: _job(lm, messages, work, max_tokens, batch, copies=NUM_ADAPTERS),
-            "mlxbatch once per adapter": lambda: _sum([_job(lm, messages, work, max_tokens, min(batch, len(messages)),
-                                                            adapter=(a,)) for a in named]),
+            "mlxbatch mixed (one job)": lambda k: _job(lm, messages, work, max_tokens, batch, adapter=named, each=True),
+            "mlxbatch base model, same rows": lambda k: _job(lm, messages, work, max_tokens, batch, copies=NUM_ADAPTERS),
+            "mlxbatch once per adapter": lambda k: _sum([_job(lm, messages, work, max_tokens, min(batch, len(messages)),
+                                                              adapter=(a,)) for a in named[:k]]),
         }
         if "mlx-lm" in peers:
-            systems["mlx-lm once per adapter"] = lambda: _mlx_lm_per_adapter(
-                _detached(lm), prompts, folders, max_tokens, min(batch, len(prompts)))
+            systems["mlx-lm once per adapter"] = lambda k: _mlx_lm_per_adapter(
+                _detached(lm), prompts, folders[:k], max_tokens, min(batch, len(prompts)))
         results = {}
         for name, fn in systems.items():
-            fn()  # untimed: the CUDA backend builds kernels per shape on first use
-            runs = [_timed(fn) for _ in range(repeat)]
+            fn(1)  # untimed: the CUDA backend builds kernels per shape on first use
+            runs = [_timed(lambda: fn(NUM_ADAPTERS)) for _ in range(repeat)]
             results[name] = min(runs, key=lambda r: r["seconds"])
             results[name]["runs_seconds"] = [round(r["seconds"], 2) for r in runs]
     return _summary(lm, len(messages), rows, max_tokens, batch, results, repeat)
