@@ -11,14 +11,13 @@ from pathlib import Path
 import mlx.core as mx
 import orjson
 import pytest
+from adapter_files import write_adapter, write_model_dir
+from conftest import cli, read_jsonl, write_jsonl
 from mlx_lm import load as mlx_lm_load
 from mlx_lm import stream_generate
-from typer.testing import CliRunner
+from test_engine import run_engine
 
-from adapter_files import write_adapter, write_model_dir
-from conftest import read_jsonl, write_jsonl
 from mlxbatch import models
-from mlxbatch.cli import app
 from mlxbatch.engine import Engine, Request, SamplingParams
 from mlxbatch.engine.model_runner import ForwardOptions
 from mlxbatch.engine.scheduler import Scheduler
@@ -75,14 +74,8 @@ def with_adapters(lm, pairs):
 
 
 def run(lm, requests, **kw):
-    eng = Engine(lm, **kw)
-    for r in requests:
-        eng.add(r)
-    done = {}
-    while eng.has_work:
-        for c in eng.step():
-            done[c.key] = c.tokens
-    return done, eng
+    done, eng = run_engine(lm, requests, **kw)
+    return {k: c.tokens for k, c in done.items()}, eng
 
 
 def _options(**over):
@@ -195,7 +188,7 @@ def test_job_with_adapters_each_adapter_records_and_export(tiny_dir, random_adap
     args = ["run", str(src), "-m", str(tiny_dir), "-o", str(out), "--max-tokens", "6", "-q", "--dtype", "fp32",
             "--ignore-eos", "--adapter", "base=none", "--adapter", f"a={random_adapters['a']}",
             "--adapter", f"d={random_adapters['d']}", "--each-adapter"]
-    res = CliRunner().invoke(app, args)
+    res = cli(*args)
     assert res.exit_code == 0, res.output
     recs = read_jsonl(out / "results.jsonl")
     by = {}
@@ -213,14 +206,14 @@ def test_job_with_adapters_each_adapter_records_and_export(tiny_dir, random_adap
     assert manifest["adapters"][1]["sha256"] == models.sha256_file(random_adapters["a"] / "adapters.safetensors")
     # Each row under one adapter equals that adapter run alone (fused into the weights there).
     alone = tmp_path / "alone"
-    res = CliRunner().invoke(app, ["run", str(src), "-m", str(tiny_dir), "-o", str(alone), "--max-tokens", "6", "-q",
-                                   "--dtype", "fp32", "--ignore-eos", "--adapter", f"d={random_adapters['d']}"])
+    res = cli("run", str(src), "-m", str(tiny_dir), "-o", str(alone), "--max-tokens", "6", "-q",
+                                   "--dtype", "fp32", "--ignore-eos", "--adapter", f"d={random_adapters['d']}")
     alone_recs = {r["id"]: r for r in read_jsonl(alone / "results.jsonl") if "custom_id" not in r}
     assert all(r["adapter"] == "d" for r in alone_recs.values())
     for rid in ("r0", "r1", "r2", "r3"):
         assert by[rid][2]["output"] == alone_recs[rid]["output"]
-    res = CliRunner().invoke(app, ["export", str(out), "--format", "records", "--by-adapter", "--to",
-                                   str(tmp_path / "ex"), "--split", "1.0"])
+    res = cli("export", str(out), "--format", "records", "--by-adapter", "--to",
+                                   str(tmp_path / "ex"), "--split", "1.0")
     assert res.exit_code == 0, res.output
     assert {p.name for p in (tmp_path / "ex").iterdir()} == {"base", "a", "d"}
     assert len(read_jsonl(tmp_path / "ex" / "a" / "train.jsonl")) == 5
@@ -231,10 +224,10 @@ def test_resume_with_a_changed_adapter_is_refused(tiny_dir, base, tmp_path):
     ad = write_adapter(tmp_path / "ad", base.model, seed=5)
     args = ["run", str(src), "-m", str(tiny_dir), "-o", str(tmp_path / "o"), "--max-tokens", "3", "-q",
             "--adapter", str(ad)]
-    assert CliRunner().invoke(app, args).exit_code == 0
+    assert cli(*args).exit_code == 0
     write_adapter(tmp_path / "ad", base.model, seed=6)  # retrained: same path, other weights
     src.write_text(src.read_text() + json.dumps({"id": "b", "prompt": "More"}) + "\n")
-    res = CliRunner().invoke(app, args)
+    res = cli(*args)
     assert res.exit_code != 0 and "adapters" in res.output, res.output
 
 
@@ -252,7 +245,7 @@ def test_job_file_table_of_adapters(tmp_path, base):
 # ------------------------------------------------------------ bad input
 def _cli_run(tmp_path, *extra):
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello"}])
-    return CliRunner().invoke(app, ["run", str(src), "-o", str(tmp_path / "o"), "-m", "random:tiny", "-q", *extra])
+    return cli("run", src, "-o", tmp_path / "o", "-m", "random:tiny", "-q", *extra)
 
 
 def test_not_an_adapter_folder_is_refused_before_the_model_loads(tmp_path, no_model):
@@ -330,10 +323,10 @@ def test_adapter_trained_by_mlx_lm_lora_equals_mlx_lm_generate(tiny_dir, tmp_pat
     prefixes, rows joining mid-decode), for the final adapter and a --save-every checkpoint."""
     rows = [{"id": i, "prompt": f"Write a line about the number {i}."} for i in range(24)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
-    res = CliRunner().invoke(app, ["run", str(src), "-m", str(tiny_dir), "-o", str(tmp_path / "gen"), "-q",
-                                   "--max-tokens", "12", "--output-format", "chat", "--dtype", "fp32"])
+    res = cli("run", str(src), "-m", str(tiny_dir), "-o", str(tmp_path / "gen"), "-q",
+                                   "--max-tokens", "12", "--output-format", "chat", "--dtype", "fp32")
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(app, ["export", str(tmp_path / "gen"), "--to", str(tmp_path / "data")])
+    res = cli("export", str(tmp_path / "gen"), "--to", str(tmp_path / "data"))
     assert res.exit_code == 0, res.output
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "mlx_lm", "lora", "--train", "--model", str(tiny_dir), "--data",
