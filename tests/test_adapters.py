@@ -105,27 +105,42 @@ def test_one_adapter_equals_mlx_lm(tiny_dir, random_adapters, which, tmp_path):
         assert [done[i] for i in range(len(toks))] == want, (which, fuse)
 
 
-@pytest.mark.parametrize("layout", ["cpu", "cuda", "mlx-lm-layers", "gather"])
-def test_mixed_adapters_equal_each_alone(tiny_dir, random_adapters, layout):
+MIXED = ["base", "a", "d", "q"]
+
+
+def _mixed_rows(toks) -> list[tuple[int, int]]:
+    """(prompt, adapter) pairs: every prompt under two or four of the adapters."""
+    return [(i, k) for i in range(len(toks)) for k in range(len(MIXED)) if (i + k) % 2 == 0 or i % 3 == 0]
+
+
+@pytest.fixture(scope="module")
+def mixed_refs(tiny_dir, random_adapters, base):
+    """What mlx-lm gives each (prompt, adapter) with that adapter alone."""
+    toks = prompts(base.tokenizer, 12)
+    rows = _mixed_rows(toks)
+    want = {}
+    for k, name in enumerate(MIXED):
+        path = random_adapters.get(name)
+        ref_dir = None if path is None else path if path.is_dir() else _as_folder(path)
+        mine = [i for i, kk in rows if kk == k]
+        want.update({(i, k): o for i, o in zip(mine, mlx_lm_outputs(tiny_dir, ref_dir, [toks[i] for i in mine]))})
+    return toks, want
+
+
+@pytest.mark.parametrize("layout", ["cpu", "cpu-uncompiled", "cuda", "mlx-lm-layers", "gather"])
+def test_mixed_adapters_equal_each_alone(tiny_dir, random_adapters, mixed_refs, layout):
     """Three adapters and the base model in one batch (rows joining mid-decode, shared prefixes):
     each row gets what mlx-lm gives it with its adapter alone."""
-    names = ["base", "a", "d", "q"]
-    pairs = [("base", None)] + [(n, str(random_adapters[n])) for n in names[1:]]
-    opts = {"cpu": _options(), "cuda": replace(ForwardOptions.for_backend("cuda"), min_shared_tokens=8),
+    pairs = [("base", None)] + [(n, str(random_adapters[n])) for n in MIXED[1:]]
+    opts = {"cpu": _options(), "cpu-uncompiled": _options(compiled_decode=False), "cuda": replace(ForwardOptions.for_backend("cuda"), min_shared_tokens=8),
             "mlx-lm-layers": _options(fused=False), "gather": _options(adapter_mode="gather")}[layout]
     lm = with_adapters(models.load(str(tiny_dir), dtype="fp32"), pairs)
-    toks = prompts(lm.tokenizer, 12)
-    reqs = [Request((i, k), t, SamplingParams(max_tokens=MAX_TOKENS), adapter=k)
-            for i, t in enumerate(toks) for k in range(4) if (i + k) % 2 == 0 or i % 3 == 0]
+    toks, want = mixed_refs
+    reqs = [Request((i, k), toks[i], SamplingParams(max_tokens=MAX_TOKENS), adapter=k) for i, k in want]
     done, eng = run(lm, reqs, max_batch=6, prefill_chunk=16, options=opts)
     assert eng.stats.prefix_hit_tokens > 0
     assert "per row" in eng.stats.forward
-    for k, name in enumerate(names):
-        path = random_adapters.get(name)
-        mine = [(i, t) for i, t in enumerate(toks) if (i, k) in done]
-        ref_dir = None if path is None else path if path.is_dir() else _as_folder(path)
-        want = mlx_lm_outputs(tiny_dir, ref_dir, [t for _, t in mine])
-        assert [done[(i, k)] for i, _ in mine] == want, (layout, name)
+    assert done == want, layout
 
 
 def _as_folder(checkpoint: Path) -> Path:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxbatch.engine.attention import AttendOptions, additive, attend
-from mlxbatch.engine.lora import concat, unwrap
+from mlxbatch.engine.lora import apply, concat, unwrap
 
 
 class FusedProjection:
@@ -152,14 +152,23 @@ class DecodePlan:
                  dense_q: bool = False):
         first = model.model.layers[0]
         attn, eps = first.self_attn, first.input_layernorm.eps
-        self.weights = [(layer.input_layernorm.weight, qkv.weight, layer.self_attn.o_proj.weight,
-                         layer.post_attention_layernorm.weight, gate_up.weight, layer.mlp.down_proj.weight)
-                        for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
+        self.weights, self.loras = [], []  # per layer; loras: the adapters' (qkv, o, gate_up, down) arrays
+        for layer, (qkv, gate_up) in zip(model.model.layers, fused):
+            (o, d_o), (down, d_down) = unwrap(layer.self_attn.o_proj), unwrap(layer.mlp.down_proj)
+            self.weights.append((layer.input_layernorm.weight, qkv.weight, o.weight,
+                                 layer.post_attention_layernorm.weight, gate_up.weight, down.weight))
+            deltas = (qkv.lora, d_o, gate_up.lora, d_down)
+            self.loras.append(tuple(d.arrays if d else None for d in deltas) if any(deltas) else None)
+        banks = [d.bank for pair in fused for p in pair for d in [p.lora] if d] + [
+            unwrap(m)[1].bank for l in model.model.layers for m in (l.self_attn.o_proj, l.mlp.down_proj) if unwrap(m)[1]]
+        self.bank = banks[0] if banks else None
+        mode = self.bank.mode if self.bank else "dense"
         self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
         self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope,
-                                      dense_q=dense_q))
-        self.post = mx.compile(partial(_post, eps=eps, use_addmm=use_addmm))
-        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm))
+                                      dense_q=dense_q, mode=mode))
+        self.post = mx.compile(partial(_post, eps=eps, use_addmm=use_addmm, mode=mode))
+        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm,
+                                              mode=mode))
 
     @classmethod
     def build(cls, model: nn.Module, fused: list | None, opts: AttendOptions, *, bucketed: bool, use_addmm: bool,
@@ -170,8 +179,8 @@ class DecodePlan:
             return None
         layers = model.model.layers
         plain = all(type(m) is nn.Linear and "bias" not in m for l in layers
-                    for m in (l.self_attn.o_proj, l.mlp.down_proj))
-        plain = plain and all(not p.is_quantized and p.bias is None and p.lora is None for pair in fused for p in pair)
+                    for m in (unwrap(l.self_attn.o_proj)[0], unwrap(l.mlp.down_proj)[0]))
+        plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
         plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
         return cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm, dense_q=dense_q) if plain else None
 
@@ -179,42 +188,56 @@ class DecodePlan:
         # Attention joins the compiled call only where the cache keeps its shape for a whole
         # bucket (GPUs) and no row shares a prefix (the cascade's shape follows the groups).
         fold = self.bucketed and groups is None
-        for i, ((ln1, wqkv, wo, ln2, wgu, wd), cache) in enumerate(zip(self.weights, caches)):
-            q, k, v = self.pre(h, ln1, wqkv, cache.offset)
+        rows = self.bank.rows.arrays if self.bank is not None and self.bank.rows is not None else None
+        for i, ((ln1, wqkv, wo, ln2, wgu, wd), lora, cache) in enumerate(zip(self.weights, self.loras, caches)):
+            lora = lora if rows is not None else None  # (qkv, o, gate_up, down) updates, with the rows' adapters
+            lq, lrest = (lora[0], (*lora[1:], rows)) if lora else (None, None)
+            q, k, v = self.pre(h, ln1, wqkv, cache.offset, lq, rows)
             k, v = cache.update_and_fetch(k, v)  # outside: an in-place write into the cache buffer
             if fold:
-                h = self.attend_post(h, q, k, v, mask, wo, ln2, wgu, wd)
+                h = self.attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, lrest)
             else:
                 o = attend(q, k, v, scale=self.scale, mask=mask, groups=groups, opts=self.opts, layer=i)
-                h = self.post(h, o, wo, ln2, wgu, wd)
+                h = self.post(h, o, wo, ln2, wgu, wd, lrest)
         return h
 
 
-def _pre(h, ln1, wqkv, offset, *, heads, eps, rope, dense_q: bool):
+def _project(x, w, lora, rows, mode: str):
+    """x @ w.T plus the rows' adapter updates where the layer has them."""
+    y = x @ w.T
+    return y if lora is None else apply(x, y, lora, rows, mode=mode)
+
+
+def _pre(h, ln1, wqkv, offset, lq, rows, *, heads, eps, rope, dense_q: bool, mode: str):
     nq, nk = heads
     B = h.shape[0]
-    y = mx.fast.rms_norm(h, ln1, eps) @ wqkv.T
+    y = _project(mx.fast.rms_norm(h, ln1, eps), wqkv, lq, rows, mode)
     qk_cols = y.shape[-1] * (nq + nk) // (nq + 2 * nk)
     qk = rope(y[..., :qk_cols].reshape(B, nq + nk, 1, -1), offset=offset)  # q and k heads in one call
     q = mx.contiguous(qk[:, :nq]) if dense_q else qk[:, :nq]  # dense: one strided batch in the score matmul
     return q, qk[:, nq:], y[..., qk_cols:].reshape(B, nk, 1, -1)
 
 
-def _post(h, o, wo, ln2, wgu, wd, *, eps, use_addmm):
+def _post(h, o, wo, ln2, wgu, wd, lrest=None, *, eps, use_addmm, mode: str = "dense"):
     from mlx_lm.models.activations import swiglu
 
-    h = _residual(h, o, wo, use_addmm)
-    g, u = mx.split(mx.fast.rms_norm(h, ln2, eps) @ wgu.T, 2, axis=-1)
-    return _residual(h, swiglu(g, u), wd, use_addmm)
+    if lrest is None:
+        h = _residual(h, o, wo, use_addmm)
+        g, u = mx.split(mx.fast.rms_norm(h, ln2, eps) @ wgu.T, 2, axis=-1)
+        return _residual(h, swiglu(g, u), wd, use_addmm)
+    lo, lgu, ld, rows = lrest  # adapters: each update joins its projection before the residual
+    h = h + _project(o, wo, lo, rows, mode)
+    g, u = mx.split(_project(mx.fast.rms_norm(h, ln2, eps), wgu, lgu, rows, mode), 2, axis=-1)
+    return h + _project(swiglu(g, u), wd, ld, rows, mode)
 
 
 def _residual(h, x, w, use_addmm: bool):
     return mx.addmm(h, x, w.T) if use_addmm else h + x @ w.T
 
 
-def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, *, eps, scale, opts, use_addmm):
+def _attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, lrest=None, *, eps, scale, opts, use_addmm, mode: str):
     o = attend(q, k, v, scale=scale, mask=mask, groups=None, opts=opts, layer=0)
-    return _post(h, o, wo, ln2, wgu, wd, eps=eps, use_addmm=use_addmm)
+    return _post(h, o, wo, ln2, wgu, wd, lrest, eps=eps, use_addmm=use_addmm, mode=mode)
 
 
 def _heads(x: mx.array, B: int, L: int, n: int) -> mx.array:

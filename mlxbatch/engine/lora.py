@@ -23,19 +23,31 @@ DENSE_MAX_SLOTS = 8  # above it "auto" gathers: dense costs grow with the number
 
 
 class Rows:
-    """Which adapter each row of one forward uses, and the masks derived from it (built once a forward)."""
+    """Which adapter each row of one forward uses: indices [B] and their one-hot [B, S] (built once a forward)."""
 
     def __init__(self, ids: list[int], num_slots: int):
         self.ids = mx.array(ids, dtype=mx.uint32)
         self.onehot = (self.ids[:, None] == mx.arange(num_slots, dtype=mx.uint32)[None]).astype(mx.float32)
-        self._masks: dict[tuple, mx.array] = {}
 
-    def mask(self, width: int, dtype) -> mx.array:
-        """[B, 1, S * width]: 1 on the row's own adapter's `width` columns."""
-        key = (width, dtype)
-        if key not in self._masks:
-            self._masks[key] = mx.repeat(self.onehot, width, axis=1).astype(dtype)[:, None, :]
-        return self._masks[key]
+    @property
+    def arrays(self) -> tuple[mx.array, mx.array]:
+        return self.ids, self.onehot
+
+
+def apply(x: mx.array, y: mx.array, arrays: tuple, rows: tuple, *, mode: str) -> mx.array:
+    """y plus each row's own update of x; a pure function of arrays, so compiled layers call it too.
+    `arrays`: a Delta's (A, B, gains or None); `rows`: Rows.arrays."""
+    a, b, gains = arrays
+    ids, onehot = rows
+    if mode == "dense":  # a [in, S*r]: every adapter at once, then keep the row's own r columns
+        mask = mx.repeat(onehot.astype(x.dtype), a.shape[-1] // onehot.shape[-1], axis=1)[:, None, :]
+        z = ((x @ a) * mask) @ b
+    else:  # a [S, in, r]: each row's own A and B
+        z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=ids), b, rhs_indices=ids)
+    y = y + z.astype(y.dtype)
+    if gains is not None:
+        y = y * gains[ids][:, None, :]
+    return y
 
 
 class Delta:
@@ -51,18 +63,15 @@ class Delta:
             self.a, self.b = a, b
         mx.eval(self.a, self.b, *([gains] if gains is not None else []))
 
+    @property
+    def arrays(self) -> tuple:
+        return self.a, self.b, self.gains
+
     def __call__(self, x: mx.array, y: mx.array) -> mx.array:
         rows = self.bank.rows
         if rows is None:  # a forward outside the engine (mlx-lm's, the peers'): the base model
             return y
-        if self.bank.mode == "dense":
-            z = ((x @ self.a) * rows.mask(self.rank, x.dtype)) @ self.b
-        else:
-            z = mx.gather_mm(mx.gather_mm(x, self.a, rhs_indices=rows.ids), self.b, rhs_indices=rows.ids)
-        y = y + z.astype(y.dtype)
-        if self.gains is not None:
-            y = y * self.gains[rows.ids][:, None, :]
-        return y
+        return apply(x, y, self.arrays, rows.arrays, mode=self.bank.mode)
 
 
 class LoRALinear(nn.Module):
