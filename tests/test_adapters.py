@@ -196,6 +196,9 @@ def test_job_with_adapters_each_adapter_records_and_export(tiny_dir, random_adap
     rows = [{"id": f"r{i}", "prompt": f"Tell me about item {i}"} for i in range(4)]
     rows.append({"id": "pick", "prompt": "Only adapter a", "adapter": "a"})
     rows.append({"id": "bad", "prompt": "Unknown adapter", "adapter": "nope"})
+    rows.append({"id": "two", "prompt": "Two samples each", "n": 2, "temperature": 0.9})
+    rows.append({"id": "js", "prompt": "JSON please", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}})
     rows.append({"custom_id": "oa", "method": "POST", "url": "/v1/chat/completions",
                  "body": {"model": "d", "messages": [{"role": "user", "content": "hi"}]}})
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -211,6 +214,8 @@ def test_job_with_adapters_each_adapter_records_and_export(tiny_dir, random_adap
         by.setdefault(r.get("id") if "custom_id" not in r else r["custom_id"], []).append(r)
     assert [r["adapter"] for r in by["r0"]] == ["base", "a", "d"]
     assert [r["adapter"] for r in by["pick"]] == ["a"]
+    assert [(r["adapter"], r["sample"]) for r in by["two"]] == [(n, s) for n in ("base", "a", "d") for s in (0, 1)]
+    assert [r["adapter"] for r in by["js"]] == ["base", "a", "d"] and all("parsed" in r for r in by["js"])
     assert [r["response"]["body"]["model"] for r in by["oa"]] == ["d"]
     assert len({r["output"] for r in by["r1"]}) > 1, "adapters should change the output"
     errors = read_jsonl(out / "errors.jsonl")
@@ -225,13 +230,15 @@ def test_job_with_adapters_each_adapter_records_and_export(tiny_dir, random_adap
                                    "--dtype", "fp32", "--ignore-eos", "--adapter", f"d={random_adapters['d']}")
     alone_recs = {r["id"]: r for r in read_jsonl(alone / "results.jsonl") if "custom_id" not in r}
     assert all(r["adapter"] == "d" for r in alone_recs.values())
-    for rid in ("r0", "r1", "r2", "r3"):
+    for rid in ("r0", "r1", "r2", "r3", "js"):
         assert by[rid][2]["output"] == alone_recs[rid]["output"]
+    assert [r["output"] for r in by["two"][4:]] == [r["output"] for r in read_jsonl(alone / "results.jsonl")
+                                                    if r.get("id") == "two"]  # sampled: the same seeds
     res = cli("export", str(out), "--format", "records", "--by-adapter", "--to",
                                    str(tmp_path / "ex"), "--split", "1.0")
     assert res.exit_code == 0, res.output
     assert {p.name for p in (tmp_path / "ex").iterdir()} == {"base", "a", "d"}
-    assert len(read_jsonl(tmp_path / "ex" / "a" / "train.jsonl")) == 5
+    assert len(read_jsonl(tmp_path / "ex" / "a" / "train.jsonl")) == 8  # r0-r3, pick, two (2 samples), js
 
 
 def test_resume_with_a_changed_adapter_is_refused(tiny_dir, base, tmp_path):
