@@ -241,6 +241,30 @@ def test_job_with_adapters_each_adapter_records_and_export(tiny_dir, random_adap
     assert len(read_jsonl(tmp_path / "ex" / "a" / "train.jsonl")) == 8  # r0-r3, pick, two (2 samples), js
 
 
+def test_validate_checks_rows_adapter_names(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hi", "adapter": "step1"},
+                                              {"id": "b", "prompt": "Hi", "adapter": "step2"}])
+    res = cli("validate", src, "--adapter", "step1=none")
+    assert res.exit_code == 1 and "'step2', no adapter of this job" in res.output and "step1'" not in res.output
+
+
+def test_quantized_weights_keep_the_per_row_update(tiny_dir, random_adapters):
+    """q8 weights: a lone adapter is not folded in (requantizing would change the rounding); mixed rows
+    equal each adapter alone."""
+    lm = with_adapters(models.load(str(tiny_dir), dtype="q8"), [("a", str(random_adapters["a"])),
+                                                              ("d", str(random_adapters["d"]))])
+    toks = prompts(lm.tokenizer, 4)
+    mixed, eng = run(lm, [Request((i, k), t, SamplingParams(max_tokens=6), adapter=k)
+                          for i, t in enumerate(toks) for k in (0, 1)], options=_options())
+    assert "per row" in eng.stats.forward
+    for k, name in enumerate(("a", "d")):
+        alone_lm = with_adapters(models.load(str(tiny_dir), dtype="q8"), [(name, str(random_adapters[name]))])
+        alone, eng = run(alone_lm, [Request((i, k), t, SamplingParams(max_tokens=6)) for i, t in enumerate(toks)],
+                         options=_options())
+        assert "per row" in eng.stats.forward
+        assert all(mixed[(i, k)] == alone[(i, k)] for i in range(len(toks))), name
+
+
 def test_resume_with_a_changed_adapter_is_refused(tiny_dir, base, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello"}])
     ad = write_adapter(tmp_path / "ad", base.model, seed=5)

@@ -127,6 +127,7 @@ def validate(
     id_field: Optional[str] = typer.Option(None, "--id-field", help="input field holding the row id (default: id)"),
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="input field holding a plain prompt (default: prompt)"),
     messages_field: Optional[str] = typer.Option(None, "--messages-field", help="input field holding chat messages (default: messages)"),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="the job's adapters (NAME=PATH): rows' 'adapter' fields must name one"),
     max_problems: int = typer.Option(50, "--max-problems", help="problems to list (all are counted)"),
 ) -> None:
     """Check every row without loading a model; non-zero exit if any row is bad."""
