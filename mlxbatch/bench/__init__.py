@@ -189,10 +189,16 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
     if workload not in WORKLOADS:
         raise UsageError(f"unknown workload {workload!r} (workloads: {', '.join(WORKLOADS)})")
     if workload == "adapters":
-        from mlxbatch.bench.adapters import report, run_adapters_bench
+        from mlxbatch.bench.adapters import (
+            PROMPTS_PER_ADAPTER,
+            report,
+            run_adapters_bench,
+        )
 
-        summary = run_adapters_bench(model=model, max_tokens=max_tokens, num_prompts=num_prompts,
-                                     batch_size=batch_size, dtype=dtype, peers=peers, repeat=repeat)
+        messages, default_tokens = _parallm(num_prompts or PROMPTS_PER_ADAPTER)
+        summary = run_adapters_bench(messages, model=model, max_tokens=max_tokens or default_tokens,
+                                     batch_size=batch_size, dtype=dtype, peers=peers, run_mlx_lm=_run_mlx_lm,
+                                     repeat=repeat)
         return json.dumps(summary, default=str) if as_json else report(summary)
     messages, default_tokens = WORKLOADS[workload](num_prompts)
     max_tokens = max_tokens or default_tokens

@@ -83,10 +83,8 @@ def _strip_mlx_lm_lora(model: nn.Module) -> None:
             layer.update_modules(tree_unflatten(base))
 
 
-def _mlx_lm_per_adapter(lm, prompts, folders, max_tokens: int, batch: int) -> dict:
+def _mlx_lm_per_adapter(lm, prompts, folders, max_tokens: int, batch: int, run_mlx_lm) -> dict:
     from mlx_lm.tuner.utils import load_adapters
-
-    from mlxbatch.bench import _run_mlx_lm
 
     runs = []
     for folder in folders:
@@ -94,20 +92,17 @@ def _mlx_lm_per_adapter(lm, prompts, folders, max_tokens: int, batch: int) -> di
         load_adapters(lm.model, str(folder))
         loaded = time.perf_counter() - t
         try:
-            r = _run_mlx_lm(lm, prompts, max_tokens, batch)
+            r = run_mlx_lm(lm, prompts, max_tokens, batch)
         finally:
             _strip_mlx_lm_lora(lm.model)
         runs.append({"tokens": r["tokens"], "seconds": r["seconds"] + loaded})
     return _sum(runs)
 
 
-def run_adapters_bench(*, model: str, max_tokens: int | None, num_prompts: int | None, batch_size: int | None,
-                       dtype: str, peers: list[str], repeat: int = 1) -> dict:
-    """Every system once untimed (kernels and plans per shape), then `repeat` timed runs each (the fastest kept)."""
-    from mlxbatch.bench import _parallm
-
-    messages, default_tokens = _parallm(num_prompts or PROMPTS_PER_ADAPTER)
-    max_tokens = max_tokens or default_tokens
+def run_adapters_bench(messages: list, *, model: str, max_tokens: int, batch_size: int | None, dtype: str,
+                       peers: list[str], run_mlx_lm, repeat: int = 1) -> dict:
+    """Every system once untimed (kernels and plans per shape), then `repeat` timed runs each (the fastest
+    kept). `messages`: each adapter's prompts; `run_mlx_lm`: bench's batch_generate peer."""
     lm = models.load(model, dtype=dtype)
     prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in messages]
     rows = len(messages) * NUM_ADAPTERS
@@ -126,7 +121,7 @@ def run_adapters_bench(*, model: str, max_tokens: int | None, num_prompts: int |
         }
         if "mlx-lm" in peers:
             systems["mlx-lm once per adapter"] = lambda k: _mlx_lm_per_adapter(
-                _detached(lm), prompts, folders[:k], max_tokens, min(batch, len(prompts)))
+                _detached(lm), prompts, folders[:k], max_tokens, min(batch, len(prompts)), run_mlx_lm)
         results = {}
         for name, fn in systems.items():
             fn(1)  # untimed: the CUDA backend builds kernels per shape on first use

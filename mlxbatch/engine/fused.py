@@ -7,7 +7,8 @@ SmolLM2-135M at batch 325: ~490 kernels, ~2.5 ms of GPU work, ~6 ms of host
 dispatch), so every operation per layer dropped is time saved on every step.
 Fusing concatenates the weights once and then points the model's own layers at
 slices of the fused arrays, so no second copy is kept (mlx-lm's forward, used
-by the peers in `bench`, still works). Does not own: attention (attention.py),
+by the peers in `bench`, still works). Adapters (engine/lora.py) ride along: fused
+projections take their concatenated updates, the compiled layer their arrays. Does not own: attention (attention.py),
 the cache (kvcache.py), the backend choices (model_runner.py).
 """
 

@@ -2,7 +2,8 @@
 
 Owns: the choices made once when a model is loaded (how attention is computed,
 whether the cache is bucketed, fused projections, the compiled decode layer,
-whether rows may share a stored prefix), running the model for hidden states
+whether rows may share a stored prefix, the job's adapters attached before
+fusing and each row's adapter set per forward), running the model for hidden states
 and projecting only the positions wanted, and the KV bytes per token. Choices
 come from the backend (`ForwardOptions.for_backend`) and can be overridden by
 argument (tests do). Does not own: which rows run (core.py) or the cache layout.

@@ -172,7 +172,6 @@ RULES: dict[str, Rule] = {
     "workers": Rule("int", 1, MAX_WORKERS, is_optional=True),  # None: the in-process engine, no Ray
     "ray_address": Rule("name", is_optional=True),  # None: a local Ray; "auto" or host:port: join one
     "adapter": Rule("adapters"),  # mlx-lm LoRA/DoRA adapters: PATH, NAME=PATH, NAME=none (the base model)
-    "adapters": Rule("adapters"),  # the job file's table of them: [adapters] name = "path"
     "each_adapter": Rule("bool"),  # every row once per adapter
 }
 # The SamplingParams fields set by a key of the same name; `logprobs` is built from two keys.
@@ -308,6 +307,10 @@ def load_job_file(path: Path) -> dict:
         raise UsageError(f"{path}: no such job file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from exc
+    if "adapters" in data:  # the job file's table of them: [adapters] name = "path"
+        if "adapter" in data:
+            raise UsageError(f"{path}: give adapters as `adapter = [...]` or an [adapters] table, not both")
+        data["adapter"] = data.pop("adapters")
     unknown = sorted(set(data) - set(RULES))
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(RULES))}")
@@ -315,10 +318,6 @@ def load_job_file(path: Path) -> dict:
     for key in ("input", "output", "json_schema"):
         if data.get(key) is not None and not data[key].is_absolute():
             data[key] = (path.parent / data[key]).resolve()
-    if "adapters" in data:
-        if "adapter" in data:
-            raise UsageError(f"{path}: give adapters as `adapter = [...]` or an [adapters] table, not both")
-        data["adapter"] = data.pop("adapters")
     if "adapter" in data:
         data["adapter"] = tuple((n, p if p is None or Path(p).expanduser().is_absolute() else str(path.parent / p))
                                 for n, p in data["adapter"])
