@@ -215,7 +215,8 @@ class WorkerPool:
                 f"{slot.status.name} on {info['host']} loads {self.lm.name} as {info['dtype']} with weights sha256 "
                 f"{info['weights_sha256'][:12]}, the driver as {self.lm.dtype} with {self.lm.weights_hash[:12]}: "
                 "every machine needs the same model files (and --dtype when backends differ)")
-        wanted = adapter_files.digest(self.lm.adapters) if self.lm.adapters else ""
+        adapters = getattr(self.lm, "adapters", None)  # a LoadedModel has them; a stand-in may not
+        wanted = adapter_files.digest(adapters) if adapters else ""
         if info.get("adapters_sha256", "") != wanted:
             raise ModelError(f"{slot.status.name} on {info['host']} reads other adapter files than the driver: "
                              "every machine needs the same adapter files at the same paths")
