@@ -120,6 +120,7 @@ class Engine:
                 row.is_alive = False
                 self._num_alive -= 1
                 self._num_guided -= row.guide is not None
+                self.stats.active = self._num_alive
                 return True
         if self._filling is not None and any(r.key == key for r in self._filling[0].requests):
             self._cancelled.add(key)

@@ -23,7 +23,7 @@ EXTRA_HINT = "pip install 'mlxbatch[serve]'"
 
 def require_serve() -> None:
     missing = []
-    for mod, pkg in (("starlette", "starlette"), ("uvicorn", "uvicorn"), ("multipart", "python-multipart")):
+    for mod, pkg in (("starlette", "starlette"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart")):
         try:
             __import__(mod)
         except ImportError:
