@@ -157,7 +157,10 @@ def drive(port: int, model: str, reqs: list[dict], concurrency: int) -> dict:
                 i = next(it, None)
             if i is None:
                 return
-            res = stream_chat(port, reqs[i], model)
+            try:
+                res = stream_chat(port, reqs[i], model)
+            except OSError as exc:  # e.g. a server whose listen backlog overflows resets connections
+                res = {"error": repr(exc)}
             with lock:
                 results.append(res)
 
@@ -168,10 +171,12 @@ def drive(port: int, model: str, reqs: list[dict], concurrency: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    failed = [r for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     ttft = sorted(r["ttft"] for r in results)
     itl = sorted(x for r in results for x in r["itl"])
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "seconds": round(wall, 3), "req_s": round(len(results) / wall, 3),
+    return {"requests": len(results), "failed": len(failed), "seconds": round(wall, 3), "req_s": round(len(results) / wall, 3),
             "out_tok_s": round(tokens / wall, 1), "output_tokens": tokens,
             "ttft_p50_ms": round(_pct(ttft, 50) * 1e3, 1), "ttft_p99_ms": round(_pct(ttft, 99) * 1e3, 1),
             "itl_p50_ms": round(_pct(itl, 50) * 1e3, 2), "itl_p99_ms": round(_pct(itl, 99) * 1e3, 2)}
@@ -273,12 +278,12 @@ def main() -> None:
 def table(out: dict) -> str:
     lines = [f"serve bench: {out['model']} {out['dtype']} on {out['backend']}",
              f"{'variant':13s} {'c':>3s} {'server':9s} {'req/s':>8s} {'tok/s':>9s} {'TTFT p50':>9s} {'p99':>9s} "
-             f"{'ITL p50':>8s} {'p99':>8s}  (ms)"]
+             f"{'ITL p50':>8s} {'p99':>8s} {'failed':>6s} (ms)"]
     for variant, levels in out["runs"].items():
         for c, peers in levels.items():
             for peer, r in peers.items():
                 lines.append(f"{variant:13s} {c:>3s} {peer:9s} {r['req_s']:8.2f} {r['out_tok_s']:9.1f} "
-                             f"{r['ttft_p50_ms']:9.1f} {r['ttft_p99_ms']:9.1f} {r['itl_p50_ms']:8.2f} {r['itl_p99_ms']:8.2f}")
+                             f"{r['ttft_p50_ms']:9.1f} {r['ttft_p99_ms']:9.1f} {r['itl_p50_ms']:8.2f} {r['itl_p99_ms']:8.2f} {r.get('failed', 0):6d}")
             if {"mlxbatch", "mlx-lm"} <= set(peers):
                 a, b = peers["mlxbatch"], peers["mlx-lm"]
                 lines.append(f"{'':13s} {'':>3s} {'ratio':9s} {a['req_s'] / max(b['req_s'], 1e-9):8.2f}x "

@@ -29,6 +29,7 @@ DEFAULT_PREFIX_CACHE_GB = 1.0
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared tokens (a system prompt)
 
 
 @dataclass
@@ -388,17 +389,23 @@ class Engine:
 
     def _prefix(self, prefix: list[int]) -> SharedPrefix:
         """A prompt prefix's KV (batch 1), from the LRU (the same object) or computed and cached;
-        a cached shorter prefix of it is extended rather than recomputed."""
+        a cached shorter prefix of it, or the head it shares with a cached one, is extended rather
+        than recomputed."""
         key = token_key(prefix)
         self.stats.prefix_lookups += 1
         found = self.prefix_cache.longest(key)
         have = found.length if found else 0
-        self.stats.prefix_hit_tokens += have
         if have == len(prefix):
+            self.stats.prefix_hit_tokens += have
             self.stats.prefix_hits += 1
             return found
+        kv = found.kv if found else None
+        head, n = self.prefix_cache.shared_head(key)
+        if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
+            kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n
+        self.stats.prefix_hit_tokens += have
         full = self.runner.options.full_buffer
-        cache = BatchCache.from_prefix(found.kv, 1, have, full_buffer=full) if found else self.runner.new_cache(1)
+        cache = BatchCache.from_prefix(kv, 1, have, full_buffer=full) if have else self.runner.new_cache(1)
         rest = mx.array([prefix[have:]], dtype=mx.int32)
         for start in range(0, rest.shape[1], self.prefill_chunk):
             chunk = rest[:, start : start + self.prefill_chunk]

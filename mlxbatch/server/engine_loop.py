@@ -286,6 +286,8 @@ class EngineLoop:
 
     def _schedule(self) -> None:
         eng = self.engine
+        if not eng.has_work:
+            self._inter_waiting.clear()  # nothing can be waiting in an idle engine (a stale key must not block batches)
         waiting = len(self._inter_waiting)
         if waiting:
             # The engine admits while the free slots outnumber its queue (or are an eighth of the batch).
