@@ -380,6 +380,7 @@ def _bad_requests(srv: ServerProc) -> list:
     return cases
 
 
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors_while_a_stream_runs(tmp_path):
     srv = ServerProc(tmp_path / "data", "--max-batch", "2", "--max-queue", "0").start()
     try:
