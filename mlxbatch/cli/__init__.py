@@ -177,11 +177,8 @@ def serve(
     from mlxbatch.server import ServeOptions, serve_spec
     from mlxbatch.server import serve as run_server
 
-    try:
-        spec = serve_spec(job, _options(ctx, "host", "port", "api_key", "data", "job", "max_queue"))
-        run_server(spec, ServeOptions(host=host, port=port, api_key=api_key, data=data, max_queue=max_queue))
-    except MlxbatchError as err:
-        _fail(err)
+    spec = serve_spec(job, _options(ctx, "host", "port", "api_key", "data", "job", "max_queue"))
+    run_server(spec, ServeOptions(host=host, port=port, api_key=api_key, data=data, max_queue=max_queue))
 
 
 @app.command("export")

@@ -22,14 +22,10 @@ import orjson
 from mlxbatch.errors import Interrupted, MlxbatchError
 from mlxbatch.job import source
 from mlxbatch.job.spec import JobSpec
-from mlxbatch.output.checkpoint import (
-    ERRORS,
-    FILES,
-    RESULTS,
-    committed_end,
-    read_state,
-    write_atomic,
-)
+from mlxbatch.output import journal
+from mlxbatch.output.checkpoint import read_state
+from mlxbatch.output.fs import write_atomic
+from mlxbatch.output.journal import ERRORS, FILES, RESULTS
 from mlxbatch.runner import run_job
 from mlxbatch.server.errors import ApiError
 from mlxbatch.server.files import FileStore, new_id
@@ -235,9 +231,10 @@ class BatchStore:
         """Publish the output and error files (the job's committed records) and the final counts."""
         folder = self.folder / bid / "job"
         state = read_state(folder)
+        ends = journal.read(folder).ends if folder.is_dir() else [0, 0]
         ids = {}
         for fid, key, name in ((RESULTS, "output_file_id", "output"), (ERRORS, "error_file_id", "errors")):
-            size = committed_end(folder, fid) if folder.is_dir() else 0
+            size = ends[fid]
             if size:
                 ids[key] = self.files.add_output(f"file-{bid}-{name}", filename=f"{bid}_{name}.jsonl",
                                                  path=folder / FILES[fid], size=size)["id"]

@@ -81,6 +81,7 @@ class BatchFeed:
         self._owner, self.fid = owner, fid
         self.max_batch = owner.engine.max_batch
         self.stats = EngineStats(capacity=self.max_batch)
+        self.workers: list = []  # no workers: the shared engine runs in this process
         self._queue: deque[Request] = deque()
         self._done: list[Completion] = []
         self._cv = threading.Condition()
@@ -108,6 +109,9 @@ class BatchFeed:
             out, self._done = self._done, []
             self._outstanding -= len(out)
         return out
+
+    def wait_started(self, while_waiting=lambda: False) -> None:
+        """Nothing to start: the engine thread is already running."""
 
     def close(self) -> None:
         self._owner.close_feed(self)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from mlxbatch.output.checkpoint import write_atomic
+from mlxbatch.output.fs import write_atomic
 from mlxbatch.server.errors import ApiError
 
 PURPOSES = ("batch",)  # what may be uploaded (outputs are "batch_output", made by the server)
