@@ -67,7 +67,10 @@ class Ticket:
     hold: int = 0  # characters held back while streaming: a stop string may still complete there
 
     def push(self, event: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
+            pass
 
 
 class BatchFeed:
