@@ -457,6 +457,26 @@ def test_engine_cancel_waiting_and_running(tiny):
     assert sorted(cut) == [1, 2] and all(cut[k] == full[k] for k in cut)
 
 
+def test_engine_reuses_a_cached_prompts_head(tiny):
+    """One request after another with one long system prompt: the second reuses the first's head, same tokens."""
+    from mlxbatch.engine import Engine, Request, SamplingParams
+
+    head = " ".join(["alpha beta gamma delta"] * 40)
+    prompts = [tiny.tokenizer.encode(f"{head} question {i} " + "x " * i) for i in range(3)]
+
+    def run(eng: Engine, i: int) -> list:
+        eng.add(Request(i, prompts[i], SamplingParams(max_tokens=6)))
+        out = []
+        while eng.has_work:
+            out += [c.tokens for c in eng.step()]
+        return out[0]
+
+    shared = Engine(tiny, max_batch=4)
+    got = [run(shared, i) for i in range(3)]
+    assert got == [run(Engine(tiny, max_batch=4), i) for i in range(3)]
+    assert shared.stats.prefix_hit_tokens >= 2 * 160 and shared.stats.prompt_computed < sum(map(len, prompts)) / 2
+
+
 # ------------------------------------------------------------ the embedded model
 @pytest.mark.realmodel
 @pytest.mark.slow
