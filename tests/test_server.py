@@ -299,7 +299,11 @@ def test_kill9_mid_batch_then_resume(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     srv.kill9()
-    assert c.batches.retrieve  # the old client is reused against the new server
+    on_disk = json.loads((data / "batches" / b.id / "batch.json").read_text())
+    assert on_disk["status"] == "in_progress"  # killed mid-batch: the new server has something to resume
+    from mlxbatch.output import journal
+
+    assert 0 < journal.read(data / "batches" / b.id / "job").num_rows < 241
     srv2 = ServerProc(data)
     srv2.port = srv.port
     srv2.start()
