@@ -304,9 +304,11 @@ class EngineLoop:
                 self._put_back(key)
                 self.stats.preempted += 1
             return
+        step = max(self.reserve, 1)
         room = self.max_batch - self.reserve - eng.num_active - eng.num_waiting
-        if room <= 0 or (eng.num_active and room < max(self.reserve, 1)):
+        if room <= 0 or (eng.num_active and room < step):
             return
+        room = min(room, step)  # one unit's prefill is what a chat request arriving now may wait behind
         for feed in list(self._feeds.values()):
             for r in feed.take(room):
                 key = ("b", feed.fid, r.key)
