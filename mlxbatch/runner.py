@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -80,6 +81,9 @@ class _StopFlag:
 
 @contextmanager
 def _signals(flag: _StopFlag):
+    if threading.current_thread() is not threading.main_thread():
+        yield  # a job run by a server's thread: the server sets `flag` itself (only the main thread gets signals)
+        return
     old = {s: signal.signal(s, flag.handle) for s in STOP_SIGNALS}
     try:
         yield
@@ -296,11 +300,13 @@ def _workers_factory(spec: JobSpec, engine_factory):
 
 def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None,
             resume_hint: str = "", lm: models.LoadedModel | None = None, engine_factory=Engine,
-            on_loaded: Callable[[], None] | None = None) -> JobStats:
+            on_loaded: Callable[[], None] | None = None,
+            on_loop: Callable[[JobLoop], None] | None = None) -> JobStats:
     """Run (or resume) a job to completion; raises Interrupted after a clean stop.
 
     `engine_factory` builds the engine (tests pass a stand-in with Engine's interface);
-    `on_loaded` runs once the model is loaded (the CLI freezes the collector there).
+    `on_loaded` runs once the model is loaded (the CLI freezes the collector there);
+    `on_loop` gets the job loop before it runs (a server keeps it to read counts and to stop it).
     """
     source.check_readable(spec.input)
     source.kind_of(spec.input)
@@ -324,6 +330,8 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     except BaseException:
         cp.close()
         raise
+    if on_loop:
+        on_loop(loop)
     try:
         complete = loop.run()
         if complete:

@@ -160,6 +160,30 @@ def bench(
                          repeat=repeat))
 
 
+@app.command()
+def serve(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0 exposes it to your network)"),
+    port: int = typer.Option(8080, "--port", help="port to listen on"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLXBATCH_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
+    data: Path = typer.Option(Path("mlxbatch-data"), "--data", help="folder for uploaded files and batch jobs"),
+    job: Optional[Path] = typer.Option(None, "--job", help="TOML job file: its model and sampling keys are the defaults"),
+    batch_size: Optional[int] = typer.Option(None, "--max-batch", help="rows decoded together (default: as for run)"),
+    max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40% of memory)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8 (default: auto, by backend)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=f"for requests that give none (default: {_D.max_tokens})"),
+    max_queue: int = typer.Option(1024, "--max-queue", min=0, help="interactive requests waiting beyond the batch before 429"),
+    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="default: ignore for random: models"),
+) -> None:
+    """OpenAI-compatible server (chat, completions, Batch API) on one continuous-batching engine."""
+    from mlxbatch.server import ServeOptions, serve_spec
+    from mlxbatch.server import serve as run_server
+
+    spec = serve_spec(job, _options(ctx, "host", "port", "api_key", "data", "job", "max_queue"))
+    run_server(spec, ServeOptions(host=host, port=port, api_key=api_key, data=data, max_queue=max_queue))
+
+
 @app.command("export")
 def export_cmd(
     folder: Path = typer.Argument(..., help="a finished job's output folder"),

@@ -29,6 +29,7 @@ DEFAULT_PREFIX_CACHE_GB = 1.0
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared tokens (a system prompt)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Engine:
         self._wants_logprobs = False
         self._num_alive = 0
         self._num_guided = 0  # live rows with a grammar (structured output)
+        self._cancelled: set = set()  # keys of rows cancelled mid-prefill: they join dead
 
     # ------------------------------------------------------------ public API (engine/protocol.py)
     workers: tuple = ()  # no workers: everything runs in this process
@@ -114,6 +116,30 @@ class Engine:
         self.scheduler.add(request)
         self._wants_logprobs |= request.params.logprobs is not None
         self.stats.waiting = len(self.scheduler)
+
+    def cancel(self, key) -> bool:
+        """Drop a request by key (every sample's key is its own): a waiting one leaves the queue, a
+        running one's row stops now and frees its slot at the next step, one mid-prefill joins dead.
+        No completion is returned for it. False when no such request is in the engine."""
+        if self.scheduler.remove(key):
+            self.stats.waiting = len(self.scheduler)
+            return True
+        for row in self._rows:
+            if row.is_alive and row.request.key == key:
+                row.is_alive = False
+                self._num_alive -= 1
+                self._num_guided -= row.guide is not None
+                self.stats.active = self._num_alive
+                return True
+        if self._filling is not None and any(r.key == key for r in self._filling[0].requests):
+            self._cancelled.add(key)
+            return True
+        return False
+
+    def live(self):
+        """(key, tokens generated so far, logprobs so far or None) of each running row: a server
+        streams from these between steps. The lists are the engine's own: read, never change."""
+        return ((r.request.key, r.generated, r.logprobs) for r in self._rows if r.is_alive)
 
     @property
     def num_waiting(self) -> int:
@@ -351,30 +377,49 @@ class Engine:
         extra = self._logprob_arrays(sampled, logprobs)
         mx.eval(sampled, *cache.arrays(), *(extra or ()))
         self._num_guided += num_guided
+        self._drop_cancelled(rows)
         self._compact(force=True)
+        alive = sum(r.is_alive for r in rows)
         if not self._rows:
             self._cache, self._params, self._rows, self._next = cache, params, rows, (sampled, extra)
-            self._num_alive = len(rows)
+            self._num_alive = alive
             return
         self._cache.merge(cache)
         self._params = self._params.concat(params)
         self._next = (mx.concatenate([self._next[0], sampled]), _concat_extra(self._next[1], extra, len(self._rows)))
         self._rows = self._rows + rows
-        self._num_alive += len(rows)
+        self._num_alive += alive
+
+    def _drop_cancelled(self, rows: list) -> None:
+        """Rows cancelled while their unit was prefilled join dead (compaction drops them)."""
+        if not self._cancelled:
+            return
+        for r in rows:
+            if r.request.key in self._cancelled:
+                self._cancelled.discard(r.request.key)
+                r.is_alive = False
+                self._num_guided -= r.guide is not None
 
     def _prefix(self, prefix: list[int], adapter: int = 0) -> SharedPrefix:
         """A prompt prefix's KV (batch 1) under one adapter, from the LRU (the same object) or computed
-        and cached; a cached shorter prefix of it is extended rather than recomputed."""
+        and cached; a cached shorter prefix of it, or the head it shares with a cached one, is extended
+        rather than recomputed."""
         key = request_key(prefix, adapter)
         self.stats.prefix_lookups += 1
         found = self.prefix_cache.longest(key)
         have = found.length if found else 0
-        self.stats.prefix_hit_tokens += have
         if have == len(prefix):
+            self.stats.prefix_hit_tokens += have
             self.stats.prefix_hits += 1
             return found
+        kv = found.kv if found else None
+        head, n = self.prefix_cache.shared_head(key)
+        n -= 1 if adapter and n else 0  # the key's adapter tag token is not a position of the KV
+        if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
+            kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n
+        self.stats.prefix_hit_tokens += have
         full = self.runner.options.full_buffer
-        cache = BatchCache.from_prefix(found.kv, 1, have, full_buffer=full) if found else self.runner.new_cache(1)
+        cache = BatchCache.from_prefix(kv, 1, have, full_buffer=full) if have else self.runner.new_cache(1)
         rest = mx.array([prefix[have:]], dtype=mx.int32)
         for start in range(0, rest.shape[1], self.prefill_chunk):
             chunk = rest[:, start : start + self.prefill_chunk]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from mlxbatch.engine.kvcache import SharedPrefix
+from mlxbatch.engine.scheduler import common_prefix
 
 
 class PrefixCache:
@@ -31,6 +32,18 @@ class PrefixCache:
         if best is not None:
             self._items.move_to_end(best.key)
         return best
+
+    def shared_head(self, key: bytes) -> tuple[SharedPrefix | None, int]:
+        """The cached prefix whose first tokens agree longest with `key`, and for how many tokens
+        (another prompt after the same system prompt: its head's KV is this one's too)."""
+        best, n = None, 0
+        for k, prefix in self._items.items():
+            m = common_prefix(k, key)
+            if m > n:
+                best, n = prefix, m
+        if best is not None:
+            self._items.move_to_end(best.key)
+        return best, n
 
     def put(self, prefix: SharedPrefix) -> None:
         size = prefix.nbytes

@@ -67,6 +67,15 @@ class Scheduler:
         self._waiting[self._seq] = request
         bisect.insort(self._sorted, (request_key(request.tokens, request.adapter), self._seq))
 
+    def remove(self, key) -> bool:
+        """Take out the waiting request with this key (linear: cancels are rare); False if none."""
+        seq = next((s for s, r in self._waiting.items() if r.key == key), None)
+        if seq is None:
+            return False
+        request = self._waiting.pop(seq)
+        self._sorted.pop(bisect.bisect_left(self._sorted, (token_key(request.tokens), seq)))
+        return True
+
     def next_unit(self, *, max_rows: int, max_prefill_tokens: int) -> Unit | None:
         if not self._waiting or max_rows <= 0:
             return None

@@ -103,7 +103,7 @@ class Renderer:
 
     def _item(self, row: Row, rid: str, kind: str, overrides: dict, *, messages=None, prompt=None, **extra) -> Item:
         """An item without tokens yet: `render_many` tokenizes a whole batch of them at once."""
-        params, n = self._params(overrides, row.line, kind.startswith("openai"))
+        params, n = self._params(overrides, row.line, kind == "openai-chat")
         kept = {k: row.data[k] for k in self.spec.keep_fields if k in row.data}
         adapters = self._adapters(row, overrides if kind.startswith("openai") else None)
         return Item(row.index, row.line, rid, kind, None, params, n, messages, prompt, kept=kept,
@@ -173,13 +173,13 @@ class Renderer:
             return RowError("missing_prompt", f"line {item.line}: the prompt renders to no tokens")
         return replace(item, tokens=tokens)
 
-    def _params(self, o: dict, line: int, is_openai: bool) -> tuple[SamplingParams, int]:
+    def _params(self, o: dict, line: int, is_chat_api: bool) -> tuple[SamplingParams, int]:
         """The row's own settings where it gives them (checked by the job's RULES), else the job's."""
         base = self.spec.sampling
         given = {k: o[k] for k in ROW_KEYS if o.get(k) is not None}  # null means "the job's value"
         if o.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
             given["max_tokens"] = o["max_completion_tokens"]
-        if not is_openai and _is_int(given.get("logprobs")):
+        if not is_chat_api and _is_int(given.get("logprobs")):
             given["logprobs"], given["top_logprobs"] = True, given["logprobs"]  # completions-style "logprobs": n
         given = {k: _checked(k, v, line) for k, v in given.items()}
         if "logprobs" in given or "top_logprobs" in given:

@@ -79,7 +79,7 @@ class RecordMaker:
             if item.n > 1:
                 rec["sample"] = sample
             if c.logprobs is not None:
-                rec["logprobs"] = self._chat_logprobs(c)
+                rec["logprobs"] = self.chat_logprobs(c.logprobs)
         elif fmt == "chat":
             rec = {"messages": [*(item.messages or [{"role": "user", "content": item.prompt}]),
                                 {"role": "assistant", "content": c.text}]}
@@ -100,46 +100,54 @@ class RecordMaker:
     # ------------------------------------------------------------ OpenAI shapes
     def _openai(self, item: Item, done: list[Completion], adapter: str | None = None) -> dict:
         cid = item.custom_id or item.id
+        body = self.openai_body(item, done, ("cmpl-" if item.kind == "openai-completion" else "chatcmpl-")
+                                + _short_hash(cid), adapter)
+        return {"id": "batch_req_" + _short_hash(cid), "custom_id": cid,
+                "response": {"status_code": 200, "request_id": "req_" + _short_hash(cid), "body": body},
+                "error": None, **item.kept}
+
+    def openai_body(self, item: Item, done: list[Completion], rid: str, adapter: str | None = None) -> dict:
+        """A chat.completion or text_completion object: a Batch line's response body, a server's reply."""
         is_completion = item.kind == "openai-completion"
         choices = [self._completion_choice(c, i) if is_completion else self._chat_choice(c, i)
                    for i, c in enumerate(done)]
-        body = {
-            "id": ("cmpl-" if is_completion else "chatcmpl-") + _short_hash(cid),
+        return {
+            "id": rid,
             "object": "text_completion" if is_completion else "chat.completion",
             "created": int(time.time()),
             "model": adapter or item.model_field or self.model_name,
             "choices": choices,
             "usage": _usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done)),
         }
-        return {"id": "batch_req_" + _short_hash(cid), "custom_id": cid,
-                "response": {"status_code": 200, "request_id": "req_" + _short_hash(cid), "body": body},
-                "error": None, **item.kept}
 
     def _chat_choice(self, c: Completion, i: int) -> dict:
         return {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": self._chat_logprobs(c) if c.logprobs is not None else None,
+                "logprobs": self.chat_logprobs(c.logprobs) if c.logprobs is not None else None,
                 "finish_reason": c.finish_reason}
 
     def _completion_choice(self, c: Completion, i: int) -> dict:
-        lp = None
-        if c.logprobs is not None:
-            toks = [self._tok(t) for t, _, _ in c.logprobs]
-            offsets, pos = [], 0
-            for t in toks:
-                offsets.append(pos)
-                pos += len(t)
-            lp = {"tokens": toks, "token_logprobs": [v for _, v, _ in c.logprobs],
-                  "top_logprobs": [{self._tok(a): b for a, b in top} for _, _, top in c.logprobs],
-                  "text_offset": offsets}
+        lp = self.completion_logprobs(c.logprobs) if c.logprobs is not None else None
         return {"text": c.text, "index": i, "logprobs": lp, "finish_reason": c.finish_reason}
 
-    def _chat_logprobs(self, c: Completion) -> dict:
+    def completion_logprobs(self, entries: list, start: int = 0) -> dict:
+        """Completions-style logprobs of (token, logprob, top) entries; offsets count from `start`."""
+        toks = [self._tok(t) for t, _, _ in entries]
+        offsets, pos = [], start
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": toks, "token_logprobs": [v for _, v, _ in entries],
+                "top_logprobs": [{self._tok(a): b for a, b in top} for _, _, top in entries],
+                "text_offset": offsets}
+
+    def chat_logprobs(self, entries: list) -> dict:
+        """Chat-style logprobs of (token, logprob, top) entries."""
         def entry(token: int, value: float) -> dict:
             text = self._tok(token)
             return {"token": text, "logprob": value, "bytes": list(text.encode())}
 
         return {"content": [{**entry(t, v), "top_logprobs": [entry(a, b) for a, b in top]}
-                            for t, v, top in c.logprobs]}
+                            for t, v, top in entries]}
 
     def _tok(self, token: int) -> str:
         return self.tokenizer.decode([token])
