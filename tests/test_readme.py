@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import typer.main
-
 from conftest import ROOT, cli
 
 from mlxbatch.cli import app

@@ -18,10 +18,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_jsonl, write_jsonl
-from typer.testing import CliRunner
+from conftest import ROOT, cli, read_jsonl, write_jsonl
 
-from mlxbatch.cli import app
 from mlxbatch.cluster.routing import BLOCK_TOKENS, PrefixRouter
 from mlxbatch.errors import UsageError, WorkerError
 from mlxbatch.job.spec import JobSpec, build_spec
@@ -37,7 +35,6 @@ NUM_ROWS = 400
 MIN_DRIVER_ROWS_S = 5_000
 NEAR_TIE = 1e-3  # logprob gap under which batch composition may flip a random model's greedy pick
 _WORKER_LINE = re.compile(r"worker (\d+): pid (\d+) on")
-runner = CliRunner()
 
 
 def _doc(g: int) -> str:
@@ -137,7 +134,7 @@ def test_constrained_rows_and_bad_rows_through_workers(tmp_path):
                 + [{"id": "no-prompt"}, {"id": "schema", "prompt": "x", "response_format": bad_schema}])
     with open(src, "ab") as f:
         f.write(b'{"id": "torn", "prompt": \n')
-    res = runner.invoke(app, ["run", str(src), "-o", str(tmp_path / "out"), "--model", "random:tiny", "-q",
+    res = cli(*["run", str(src), "-o", str(tmp_path / "out"), "--model", "random:tiny", "-q",
                               "--regex", phone, "--max-tokens", "30", "--temperature", "1.0", "--workers", "2"])
     assert res.exit_code == 0, res.output
     out = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "results.jsonl")}
@@ -318,7 +315,7 @@ def test_driver_moves_over_5000_rows_a_second_with_a_stand_in_engine(tmp_path):
     (["--ray-address", "auto"], "--ray-address auto needs --workers N"),
 ])
 def test_bad_workers_option_is_a_usage_error_before_loading(two_rows, tmp_path, no_model, args, message):
-    res = runner.invoke(app, ["run", str(two_rows), "-o", str(tmp_path / "out"), "--model", "random:tiny", "-q", *args])
+    res = cli(*["run", str(two_rows), "-o", str(tmp_path / "out"), "--model", "random:tiny", "-q", *args])
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "out").exists()
 
@@ -328,7 +325,7 @@ def test_bad_workers_option_is_a_usage_error_before_loading(two_rows, tmp_path, 
 def test_bad_workers_job_file_value_is_a_usage_error(two_rows, tmp_path, no_model, line, key):
     job = tmp_path / "job.toml"
     job.write_text(f'input = "{two_rows.name}"\nmodel = "random:tiny"\n{line}\n')
-    res = runner.invoke(app, ["run", "--job", str(job), "-q"])
+    res = cli(*["run", "--job", str(job), "-q"])
     assert res.exit_code == 2 and f"job.toml: {key} must be" in res.output, res.output
 
 
@@ -343,7 +340,7 @@ def test_job_file_sets_workers_and_address_and_a_resume_may_change_them(tmp_path
 
 def test_missing_ray_says_how_to_install_it(two_rows, tmp_path, no_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    res = runner.invoke(app, ["run", str(two_rows), "-o", str(tmp_path / "out"), "--model", "random:tiny", "-q",
+    res = cli(*["run", str(two_rows), "-o", str(tmp_path / "out"), "--model", "random:tiny", "-q",
                               "--workers", "2"])
     assert res.exit_code == 2, res.output
     assert "--workers needs Ray, which is not installed: pip install 'mlxbatch[ray]'" in res.output
