@@ -161,7 +161,7 @@ class DecodePlan:
             deltas = (qkv.lora, d_o, gate_up.lora, d_down)
             self.loras.append(tuple(d.arrays if d else None for d in deltas) if any(deltas) else None)
         banks = [d.bank for pair in fused for p in pair for d in [p.lora] if d] + [
-            unwrap(m)[1].bank for l in model.model.layers for m in (l.self_attn.o_proj, l.mlp.down_proj) if unwrap(m)[1]]
+            unwrap(m)[1].bank for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj) if unwrap(m)[1]]
         self.bank = banks[0] if banks else None
         mode = self.bank.mode if self.bank else "dense"
         self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
@@ -179,8 +179,8 @@ class DecodePlan:
         if fused is None:
             return None
         layers = model.model.layers
-        plain = all(type(m) is nn.Linear and "bias" not in m for l in layers
-                    for m in (unwrap(l.self_attn.o_proj)[0], unwrap(l.mlp.down_proj)[0]))
+        plain = all(type(m) is nn.Linear and "bias" not in m for layer in layers
+                    for m in (unwrap(layer.self_attn.o_proj)[0], unwrap(layer.mlp.down_proj)[0]))
         plain = plain and all(not p.is_quantized and p.bias is None for pair in fused for p in pair)
         plain = plain and all(len(gu.splits) == 1 and 2 * gu.splits[0] == gu.weight.shape[0] for _, gu in fused)
         return cls(model, fused, opts, bucketed=bucketed, use_addmm=use_addmm, dense_q=dense_q) if plain else None

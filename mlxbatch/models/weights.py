@@ -63,7 +63,8 @@ def _remapping() -> tuple[dict, dict]:
     tree = ast.parse(Path(spec.origin).read_text())
     tables = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
               for t in node.targets if isinstance(t, ast.Name)}
-    get = (lambda name: ast.literal_eval(tables[name]) if name in tables else {})
+    def get(name):
+        return ast.literal_eval(tables[name]) if name in tables else {}
     return get("MODEL_REMAPPING"), get("MODEL_ARCHITECTURE_REMAPPING")
 
 
