@@ -32,6 +32,11 @@ class PrefixCache:
             self._items.move_to_end(best.key)
         return best
 
+    def clear(self) -> None:
+        """Forget every prefix (after running out of memory; rows using one keep their reference)."""
+        self._items.clear()
+        self.nbytes = 0
+
     def put(self, prefix: SharedPrefix) -> None:
         size = prefix.nbytes
         if size > self.max_bytes or prefix.key in self._items:

@@ -22,6 +22,9 @@ MAX_N = 256
 MAX_TOKENS = 1_000_000
 MAX_TOP_LOGPROBS = 20
 MAX_WORKERS = 64
+KV_BITS = (4, 8, 16)  # as engine/kvquant.py's BITS, plus 16 (off); repeated here so settings load no MLX
+KV_GROUP_SIZES = (32, 64, 128)
+_KV_KEYS = ("kv_bits", "kv_value_bits", "kv_group_size")
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def _texts(r: Rule, v):
 
 def _choice(r: Rule, v):
     if v not in r.choices:
-        raise ValueError(f"must be one of {', '.join(r.choices)}, got {v!r}")
+        raise ValueError(f"must be one of {', '.join(map(str, r.choices))}, got {v!r}")
     return v
 
 
@@ -139,6 +142,10 @@ RULES: dict[str, Rule] = {
     "regex": Rule("name", is_optional=True),  # every row's output matches this pattern
     "workers": Rule("int", 1, MAX_WORKERS, is_optional=True),  # None: the in-process engine, no Ray
     "ray_address": Rule("name", is_optional=True),  # None: a local Ray; "auto" or host:port: join one
+    # KV stored packed (engine/kvquant.py): bits of keys (and values), values' own bits, group size.
+    "kv_bits": Rule("choice", choices=KV_BITS, is_optional=True),  # None or 16: the model dtype
+    "kv_value_bits": Rule("choice", choices=KV_BITS, is_optional=True),  # None: as kv_bits
+    "kv_group_size": Rule("choice", choices=KV_GROUP_SIZES, is_optional=True),  # None: 64 where it divides the head
 }
 # The SamplingParams fields set by a key of the same name; `logprobs` is built from two keys.
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("logprobs", "constraint"))
@@ -175,6 +182,10 @@ class JobSpec:
     # Ray workers: how the job runs, not what it writes (a resume may use another count).
     workers: int | None = field(default=None, metadata=_RUN_ONLY)
     ray_address: str | None = field(default=None, metadata=_RUN_ONLY)
+    # Compressed KV changes outputs (a little): resume settings, left out of the manifest while unset.
+    kv_bits: int | None = None
+    kv_value_bits: int | None = None
+    kv_group_size: int | None = None
 
     def validate(self) -> "JobSpec":
         """Checks that need several fields; returns the spec with automatic values resolved."""
@@ -184,12 +195,31 @@ class JobSpec:
             raise UsageError(f"output {self.output} is the input file; choose another folder")
         if self.ray_address is not None and self.workers is None:
             raise UsageError(f"--ray-address {self.ray_address} needs --workers N (how many workers to start there)")
-        spec = self
+        spec = self._kv_resolved()
         if self.ignore_eos is None:  # resolved here so a resume compares what runs, not what was typed
             spec = replace(spec, ignore_eos=self.model.startswith("random:"))
         if (self.json_schema or self.regex) and self.sampling.constraint is None:
             spec = replace(spec, sampling=replace(self.sampling, constraint=self._constraint()))
         return spec
+
+    def _kv_resolved(self) -> "JobSpec":
+        """16 bits is the model dtype (off); the other KV keys need --kv-bits (the head-dimension
+        check needs the model's config: runner.py, before the weights load)."""
+        spec = replace(self, kv_bits=None) if self.kv_bits == 16 else self
+        if spec.kv_value_bits == 16 and spec.kv_bits is None:
+            spec = replace(spec, kv_value_bits=None)
+        if spec.kv_bits is None:
+            extra = [option_name(k) for k in ("kv_value_bits", "kv_group_size") if getattr(spec, k) is not None]
+            if extra:
+                raise UsageError(f"{' and '.join(extra)} need --kv-bits 8 or 4 (the KV cache is in the model dtype)")
+        elif spec.kv_value_bits == 16:
+            raise UsageError("--kv-value-bits 16 with --kv-bits: values must be packed too (4 or 8)")
+        return spec
+
+    @property
+    def kv_engine_args(self) -> dict:
+        """The engine's KV format arguments, empty when KV stays in the model dtype."""
+        return {k: getattr(self, k) for k in _KV_KEYS} if self.kv_bits else {}
 
     def _constraint(self):
         """The job-wide constraint, checked now: a bad schema or regex stops before the model loads."""
@@ -227,6 +257,9 @@ class JobSpec:
         for f in fields(self):
             if f.name != "sampling" and f.metadata.get("is_resume_setting", True):
                 out[f.name] = getattr(self, f.name)
+        if self.kv_bits is None:  # likewise for jobs with the KV in the model dtype
+            for k in _KV_KEYS:
+                del out[k]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
