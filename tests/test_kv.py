@@ -37,12 +37,14 @@ def _cascade_requests(lm):
 
 
 @pytest.mark.parametrize("layout,bits,value_bits,qmm", [
-    ("cpu", 8, 8, False), ("cpu", 4, 4, True), ("cpu", 8, 4, True), ("cpu-uncompiled", 8, 8, True),
+    ("cpu", 8, 8, None), ("cpu", 8, 8, False), ("cpu", 4, 4, True), ("cpu", 8, 4, True), ("cpu-uncompiled", 8, 8, True),
     ("metal", 8, 8, True), ("cuda", 4, 4, False), ("cpu-group-loop", 8, 8, True), ("mlx-lm-layers", 8, 8, True),
 ])
 def test_attention_over_packed_kv_equals_dequantize_then_attend(tiny, monkeypatch, layout, bits, value_bits, qmm):
     """Decode and prefill, rows with and without a shared (packed) prefix, every backend's form."""
-    opts = replace(LAYOUTS[layout], min_shared_tokens=8, small_model_bytes=0, kv_quantized_matmul=qmm)
+    opts = replace(LAYOUTS[layout], min_shared_tokens=8, small_model_bytes=0)
+    if qmm is not None:  # None: the backend's own choice (CPU: quantized_matmul to decode, dequantize to prefill)
+        opts = replace(opts, kv_quantized_matmul=qmm, kv_prefill_quantized_matmul=qmm)
     kw = dict(max_batch=12, prefill_chunk=32, options=opts, kv_bits=bits, kv_value_bits=value_bits)
     reqs = _cascade_requests(tiny)
     packed, eng = run_engine(tiny, reqs, **kw)

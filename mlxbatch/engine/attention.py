@@ -92,10 +92,10 @@ def cascade(q, k, v, mask, kvs, rows, perm, *, scale: float, opts: AttendOptions
     not the whole batch in order (`has_rows`), `perm` ([] or [batch row -> part position])."""
     B, H, L, D = q.shape
     qg, mask = _grouped(q, first(k).shape[1], mask)
-    own = _part(qg, k, v, scale, mask, opts)
+    own = _part(qg, k, v, scale, mask, opts, many=L > 1)
     row_iter = iter(rows)
     picked = [next(row_iter) if r else None for r in has_rows]
-    shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts)
+    shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts, many=L > 1)
     return _heads_last(_merge(own, shared).astype(q.dtype).reshape(B, H, L, D))
 
 
@@ -115,8 +115,8 @@ def _packed(q, k, v, scale: float, mask, opts: AttendOptions) -> mx.array:
     (kvquant.scores / weighted), scores and softmax in float32."""
     B, H, L, D = q.shape
     qg, mask = _grouped(q, first(k).shape[1], mask)
-    s = scores(qg, k, opts.kv).astype(mx.float32) * scale + mask
-    o = weighted(mx.softmax(s, axis=-1), v, opts.kv)
+    s = scores(qg, k, opts.kv, L > 1).astype(mx.float32) * scale + mask
+    o = weighted(mx.softmax(s, axis=-1), v, opts.kv, L > 1)
     return _heads_last(o.astype(q.dtype).reshape(B, H, L, D))
 
 
@@ -138,21 +138,21 @@ def _one_query(q, k, v, scale, mask, opts):
     return mx.softmax(scores, axis=-1, precise=True) @ v
 
 
-def _part(qg, k, v, scale: float, mask, opts):
+def _part(qg, k, v, scale: float, mask, opts, many: bool = False):
     """Unnormalised softmax part: (p @ v, row max, row sum), scores in float32."""
     if mask is None:
-        s = scores(qg, k, opts.kv).astype(mx.float32) * scale
+        s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale
     elif opts.mask_addmm and not is_packed(k):
         s = mx.addmm(mx.broadcast_to(mask, (*qg.shape[:-1], k.shape[2])), qg, k.swapaxes(-1, -2),
                      alpha=scale).astype(mx.float32)
     else:
-        s = scores(qg, k, opts.kv).astype(mx.float32) * scale + mask
+        s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale + mask
     m = mx.max(s, axis=-1, keepdims=True)
     p = mx.exp(s - m)
-    return weighted(p, v, opts.kv), m, mx.sum(p, axis=-1, keepdims=True)
+    return weighted(p, v, opts.kv, many), m, mx.sum(p, axis=-1, keepdims=True)
 
 
-def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts):
+def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts, many: bool = False):
     """The shared-prefix part of every row (rows outside any group contribute nothing)."""
     _, Hkv, M, D = qg.shape
     outs, maxes, sums = [], [], []
@@ -160,7 +160,7 @@ def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts):
         qr = qg if picked is None else qg[picked]
         n = qr.shape[0]
         stacked = qr.transpose(1, 0, 2, 3).reshape(1, Hkv, n * M, D)  # all rows of the group in one matmul
-        o, m, s = _part(stacked, pk, pv, scale, None, opts)
+        o, m, s = _part(stacked, pk, pv, scale, None, opts, many)
         outs.append(_unstack(o, n))
         maxes.append(_unstack(m, n))
         sums.append(_unstack(s, n))

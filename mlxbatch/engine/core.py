@@ -463,8 +463,7 @@ def _with_kv(lm: LoadedModel, options: ForwardOptions, bits, value_bits, group_s
 
     if not bits:
         return options
-    kv = make(bits, value_bits, group_size, head_dim=head_dim(lm.model.args),
-              quantized_matmul=options.kv_quantized_matmul)
+    kv = make(bits, value_bits, group_size, head_dim=head_dim(lm.model.args))
     if kv is None:
         return options
     return replace(options, kv_bits=kv.bits, kv_value_bits=kv.value_bits, kv_group_size=kv.group_size)

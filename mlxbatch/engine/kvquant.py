@@ -29,7 +29,13 @@ class KVQuant:
     bits: int  # keys
     value_bits: int
     group_size: int
-    quantized_matmul: bool = True  # attention reads the packed words (else: dequantize, then matmul)
+    # How attention reads the packed words: MLX's quantized matmul (True), or dequantize, then matmul;
+    # for one query a row (decode) and for chunks of queries (prefill): the fastest form differs.
+    quantized_matmul: bool = True
+    prefill_quantized_matmul: bool = True
+
+    def reads_packed(self, many: bool) -> bool:
+        return self.prefill_quantized_matmul if many else self.quantized_matmul
 
     def pack(self, keys: mx.array, values: mx.array) -> tuple:
         return (tuple(mx.quantize(keys, group_size=self.group_size, bits=self.bits)),
@@ -50,7 +56,7 @@ class KVQuant:
 
 
 def make(bits: int | None, value_bits: int | None = None, group_size: int | None = None, *,
-         head_dim: int | None = None, quantized_matmul: bool = True) -> KVQuant | None:
+         head_dim: int | None = None) -> KVQuant | None:
     """The format for the settings (None: off); raises ValueError on values MLX or the model cannot take."""
     if not bits or bits == 16:
         if value_bits and value_bits != 16:
@@ -65,7 +71,7 @@ def make(bits: int | None, value_bits: int | None = None, group_size: int | None
         raise ValueError(f"--kv-group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group}")
     if head_dim is not None and head_dim % group:
         raise ValueError(f"--kv-group-size {group} does not divide this model's head dimension ({head_dim})")
-    return KVQuant(bits, value_bits, group, quantized_matmul)
+    return KVQuant(bits, value_bits, group)
 
 
 def default_group_size(head_dim: int | None) -> int:
@@ -103,20 +109,20 @@ def zeros_like_cols(x, batch: int, cols: int):
     return each(lambda a: mx.zeros((batch, a.shape[1], cols, a.shape[3]), a.dtype), x)
 
 
-def scores(q: mx.array, k, kv: KVQuant | None) -> mx.array:
-    """q [.., M, D] times K^T ([.., S, D], plain or packed): [.., M, S]."""
+def scores(q: mx.array, k, kv: KVQuant | None, many: bool = False) -> mx.array:
+    """q [.., M, D] times K^T ([.., S, D], plain or packed): [.., M, S]; `many`: several queries a row."""
     if not is_packed(k):
         return q @ k.swapaxes(-1, -2)
-    if kv.quantized_matmul:
+    if kv.reads_packed(many):
         return mx.quantized_matmul(q.astype(k[1].dtype), *k, transpose=True, group_size=kv.group_size, bits=kv.bits)
     return q @ kv.unpack(k).swapaxes(-1, -2)
 
 
-def weighted(p: mx.array, v, kv: KVQuant | None) -> mx.array:
+def weighted(p: mx.array, v, kv: KVQuant | None, many: bool = False) -> mx.array:
     """Softmax weights p [.., M, S] times V ([.., S, D], plain or packed): [.., M, D] in V's dtype."""
     if not is_packed(v):
         return p.astype(v.dtype) @ v
     p = p.astype(v[1].dtype)
-    if kv.quantized_matmul:
+    if kv.reads_packed(many):
         return mx.quantized_matmul(p, *v, transpose=False, group_size=kv.group_size, bits=kv.value_bits)
     return p @ kv.unpack(v, is_value=True)

@@ -44,8 +44,9 @@ class ForwardOptions:
     kv_value_bits: int = 0  # values at other bits than keys; 0: as keys
     kv_group_size: int = 64
     # Attention reads the packed cache with MLX's quantized matmul; False: each product dequantizes
-    # its operand first (CPU, 64 rows x 512 columns, SmolLM2 shapes, see docs/kv.md for the numbers).
+    # its operand first. For one query a row (decode), and for prefill chunks (KV_QUANTIZED_MATMUL).
     kv_quantized_matmul: bool = True
+    kv_prefill_quantized_matmul: bool = True
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "ForwardOptions":
@@ -61,7 +62,8 @@ class ForwardOptions:
         step, 8B 14.14 vs 14.22-14.33; SmolLM2 within its run-to-run noise either way)."""
         gpu, cuda = backend != "cpu", backend == "cuda"
         return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda, dense_q=cuda,
-                           kv_quantized_matmul=KV_QUANTIZED_MATMUL[backend],
+                           kv_quantized_matmul=KV_QUANTIZED_MATMUL[backend][0],
+                           kv_prefill_quantized_matmul=KV_QUANTIZED_MATMUL[backend][1],
                            min_shared_tokens=256 if gpu else 32,
                            small_model_bytes=10**9 if cuda else 0), **overrides)
 
@@ -76,13 +78,15 @@ class ForwardOptions:
         if not self.kv_bits:
             return None
         return KVQuant(self.kv_bits, self.kv_value_bits or self.kv_bits, self.kv_group_size,
-                       self.kv_quantized_matmul)
+                       self.kv_quantized_matmul, self.kv_prefill_quantized_matmul)
 
 
-# Per backend: read the packed KV with quantized_matmul (True) or dequantize, then matmul (False).
-# Measured on the CPU (scripts/kv_attention_probe.py); Metal and CUDA keep MLX's quantized kernels
-# until the GPU run of scripts/gpu/kv.sh says otherwise.
-KV_QUANTIZED_MATMUL = {"cpu": False, "metal": True, "cuda": True}
+# Per backend, (decode, prefill): read the packed KV with quantized_matmul (True) or dequantize each
+# operand, then matmul (False). CPU (scripts/kv_attention_probe.py, 64 rows x 512 columns, SmolLM2
+# heads, fp32; a loaded 2-core host): decode 81 ms quantized_matmul vs 305 dequantize (8-bit), a
+# 64-query prefill chunk 6.9 s vs 1.0 s. Metal and CUDA keep MLX's quantized kernels (mlx-lm's
+# choice) until scripts/gpu/kv.sh's probe says otherwise.
+KV_QUANTIZED_MATMUL = {"cpu": (True, False), "metal": (True, True), "cuda": (True, True)}
 
 
 def env_overrides() -> dict:
@@ -137,7 +141,9 @@ class ModelRunner:
         on = [f"{k} (from {self.options.min_shared_tokens} tokens)" if k == "shared_prefix" else k for k in on]
         path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
         kv = self.options.kv
-        packed = f"; KV {kv.describe()}, read by {'quantized_matmul' if kv.quantized_matmul else 'dequantize'}" if kv else ""
+        form = lambda qmm: "quantized_matmul" if qmm else "dequantize"  # noqa: E731
+        packed = (f"; KV {kv.describe()}, read by {form(kv.quantized_matmul)} (decode), "
+                  f"{form(kv.prefill_quantized_matmul)} (prefill)") if kv else ""
         return f"forward: {path}; " + ", ".join(on) + packed
 
     def new_cache(self, batch: int) -> BatchCache:
