@@ -279,7 +279,10 @@ class JobLoop:
             seconds=round(prev.get("seconds", 0) + s.elapsed, 2),
             constrained=prev.get("constrained", 0) + s.constrained,
             constrained_truncated=prev.get("constrained_truncated", 0) + s.constrained_truncated,
-            gen_tok_s_last_run=round(s.gen_tps_avg, 1), model=s.model, device=s.device)
+            gen_tok_s_last_run=round(s.gen_tps_avg, 1), model=s.model, device=s.device,
+            kv_format=s.engine.kv_format, kv_peak_mb_last_run=round(s.engine.kv_peak_bytes / 1e6, 1),
+            kv_budget_mb_last_run=round(s.engine.kv_budget_bytes / 1e6, 1),
+            oom_retries=prev.get("oom_retries", 0) + s.engine.oom_retries)
         self.cp.commit(state)
 
 
