@@ -109,6 +109,7 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     active: int = 0
+    active_peak: int = 0  # most rows in flight at once
     capacity: int = 0
     waiting: int = 0
     kv_bytes: int = 0  # KV held by the running batch: rows' own columns plus shared prefixes once

@@ -49,7 +49,7 @@ def test_attention_over_packed_kv_equals_dequantize_then_attend(tiny, monkeypatc
     reqs = _cascade_requests(tiny)
     packed, eng = run_engine(tiny, reqs, **kw)
     assert eng.stats.prefix_hit_tokens > 0
-    assert eng.stats.kv_format.startswith(f"{bits}" if bits == value_bits else f"{bits}/{value_bits}")
+    assert eng.stats.kv_format.startswith(f"{bits}-bit" + ("," if bits == value_bits else f" keys, {value_bits}-bit values"))
     monkeypatch.setattr(KVQuant, "pack", _dequantized_pack)
     reference, _ = run_engine(tiny, _cascade_requests(tiny), **kw)
     for r in reqs:

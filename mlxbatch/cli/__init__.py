@@ -142,7 +142,7 @@ def validate(
 
 @app.command()
 def bench(
-    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs"),
+    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | kv-quality"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts"),
@@ -151,13 +151,28 @@ def bench(
     peers: str = typer.Option("mlx-lm,hf", "--peers", help="comma list of peers to run: mlx-lm, hf"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     repeat: int = typer.Option(3, "--repeat", min=1, help="timed runs per MLX system; the median is reported"),
+    kv_bits: Optional[str] = typer.Option(None, "--kv-bits", help="comma list of KV formats to run at one KV budget: 16,8,4"),
+    max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="the KV budget of every --kv-bits run"),
+    kv_rows: Optional[int] = typer.Option(None, "--kv-rows", help="budget that holds this many rows uncompressed (default 64)"),
 ) -> None:
     """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
     from mlxbatch.bench import run_bench
 
     typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
                          batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out,
-                         repeat=repeat))
+                         repeat=repeat, kv_bits=_int_list(kv_bits, "--kv-bits"), max_kv_gb=max_kv_gb,
+                         kv_rows=kv_rows))
+
+
+def _int_list(text: str | None, name: str) -> list[int] | None:
+    from mlxbatch.errors import UsageError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{name} takes a comma list of integers, got {text!r}") from None
 
 
 @app.command("export")

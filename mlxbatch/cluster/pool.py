@@ -38,7 +38,7 @@ _CALLS_IN_FLIGHT = 2
 # Engine counters that say "now" (summed over running workers); every other number only grows
 # (summed over all workers, a lost one's included).
 _NOW = ("active", "capacity", "waiting", "kv_bytes", "kv_shared_bytes", "kv_peak_bytes", "prefix_cache_bytes",
-        "kv_budget_bytes")
+        "kv_budget_bytes", "active_peak")
 _CUMULATIVE = tuple(f.name for f in fields(EngineStats) if f.type in ("int", int) and f.name not in _NOW)
 
 

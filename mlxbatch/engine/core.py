@@ -165,6 +165,7 @@ class Engine:
         st.capacity, st.kv_budget_bytes = self.max_batch, self.max_kv_bytes
         st.steps += 1
         st.active = self.num_active
+        st.active_peak = max(st.active_peak, st.active)
         st.waiting = len(self.scheduler)
         caches = [c for c in (self._cache, self._filling and self._filling[1]) if c is not None]
         # A prefix used by both the running batch and the unit being prefilled is held once.

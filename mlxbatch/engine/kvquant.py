@@ -51,8 +51,8 @@ class KVQuant:
         return head_dim * (self.bits + self.value_bits) / 8 + 2 * side
 
     def describe(self) -> str:
-        bits = f"{self.bits}" if self.bits == self.value_bits else f"{self.bits}/{self.value_bits} (keys/values)"
-        return f"{bits}-bit, groups of {self.group_size}"
+        bits = f"{self.bits}-bit" if self.bits == self.value_bits else f"{self.bits}-bit keys, {self.value_bits}-bit values"
+        return f"{bits}, groups of {self.group_size}"
 
 
 def make(bits: int | None, value_bits: int | None = None, group_size: int | None = None, *,
