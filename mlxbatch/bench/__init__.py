@@ -268,7 +268,7 @@ def _run_kv_bench(workload: str, *, model: str, max_tokens: int | None, num_prom
     first = next(iter(results.values()))
     summary = {"workload": workload, "model": lm.name, "dtype": lm.dtype,
                "device": f"{models.backend()} {mx.default_device()}", "device_info": mx.device_info(),
-               "num_prompts": len(prompts), "max_tokens": max_tokens, "max_kv_gb": round(budget, 3),
+               "num_prompts": len(prompts), "max_tokens": max_tokens, "max_kv_gb": round(budget, 6),
                "kv_rows_at_model_dtype": rows, "repeat": repeat,
                "versions": {"mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__}, "results": results}
     if as_json:
