@@ -19,6 +19,8 @@ import statistics
 import time
 
 import mlxbatch  # noqa: F401  (OpenBLAS before mlx on Linux)
+
+# isort: split
 import mlx.core as mx
 
 from mlxbatch.engine.attention import AttendOptions, attend

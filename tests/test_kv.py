@@ -7,15 +7,19 @@ from dataclasses import replace
 import mlx.core as mx
 import orjson
 import pytest
-from conftest import read_jsonl, write_jsonl
-from test_engine import LAYOUTS, cascade_prompts, run_engine, run_tracking, varied_prompts
-from typer.testing import CliRunner
+from conftest import cli, read_jsonl, write_jsonl
+from test_engine import (
+    LAYOUTS,
+    cascade_prompts,
+    run_engine,
+    run_tracking,
+    varied_prompts,
+)
 
-from mlxbatch.cli import app
 from mlxbatch.engine import Engine, Request, SamplingParams
 from mlxbatch.engine.kvquant import KVQuant, make
 from mlxbatch.engine.model_runner import ForwardOptions
-from mlxbatch.output.checkpoint import ERRORS_FILE, RESULTS_FILE
+from mlxbatch.output.journal import ERRORS_FILE, RESULTS_FILE
 
 OOM = "[metal::malloc] Resource limit (499000) exceeded."  # what MLX raises on a Mac when memory runs out
 
@@ -208,13 +212,6 @@ def test_guided_rows_restart_their_grammar_after_out_of_memory(tiny):
 
 
 # ------------------------------------------------------------ the job: settings, manifest, records
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--kv-bits", "3"], "--kv-bits must be one of 4, 8, 16"),
     (["--kv-bits", "8", "--kv-group-size", "48"], "--kv-group-size must be one of"),
