@@ -293,14 +293,20 @@ def _check_kv_format(spec: JobSpec) -> None:
         return
     from mlxbatch.engine.kvquant import make
 
-    head = _head_dim(spec)
+    config = _model_config(spec)
+    heads = config.get("num_attention_heads")
+    head = config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config else None)
     try:
-        make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=head)
+        kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=head)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if kv.bits != kv.value_bits and config.get("model_type", "llama") != "llama":
+        from mlxbatch.engine.core import MIXED_KV_BITS
+
+        raise UsageError(MIXED_KV_BITS)
 
 
-def _head_dim(spec: JobSpec) -> int | None:
+def _model_config(spec: JobSpec) -> dict:
     if spec.model.startswith("random:"):
         config = models.RANDOM_PRESETS.get(spec.model.split(":", 1)[1], {})
     else:
@@ -308,10 +314,9 @@ def _head_dim(spec: JobSpec) -> int | None:
         try:
             config = orjson.loads((path / "config.json").read_bytes())
         except (OSError, orjson.JSONDecodeError):
-            return None  # `load` says what is wrong with the folder
+            return {}  # `load` says what is wrong with the folder
         config = {**config, **config.get("text_config", {})}
-    heads = config.get("num_attention_heads")
-    return config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config else None)
+    return config
 
 
 def _workers_factory(spec: JobSpec, engine_factory):

@@ -277,3 +277,10 @@ def test_out_of_memory_row_becomes_an_error_record(tiny, tmp_path):
     results = read_jsonl(tmp_path / "out" / RESULTS_FILE)
     assert [e["id"] for e in errors] == ["huge"] and errors[0]["error"]["code"] == "out_of_memory"
     assert sorted(r["id"] for r in results) == sorted(f"r{i}" for i in range(6))
+
+
+def test_mixed_bits_need_the_fused_llama_path(tiny):
+    from mlxbatch.errors import UsageError
+
+    with pytest.raises(UsageError, match="llama-family"):
+        Engine(tiny, kv_bits=8, kv_value_bits=4, options=LAYOUTS["mlx-lm-layers"])

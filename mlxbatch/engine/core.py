@@ -25,6 +25,7 @@ from mlxbatch.engine.oom import free_memory, is_out_of_memory
 from mlxbatch.engine.prefix_cache import PrefixCache
 from mlxbatch.engine.sampling import RowParams, allowed_tokens, sample
 from mlxbatch.engine.scheduler import Scheduler, Unit, token_key
+from mlxbatch.errors import UsageError
 from mlxbatch.models import LoadedModel
 from mlxbatch.types import Completion, EngineStats, Request
 
@@ -36,6 +37,8 @@ _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copi
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 _OOM_SHRINK = 0.5  # after running out of memory: budget, batch width and prefill sizes times this
 _MIN_PREFILL_CHUNK = 16
+MIXED_KV_BITS = ("--kv-value-bits other than --kv-bits needs a llama-family model: this one runs mlx-lm's own "
+                 "layers, whose attention reads keys and values at one bit width")
 
 
 @dataclass
@@ -82,6 +85,9 @@ class Engine:
                  kv_bits: int | None = None, kv_value_bits: int | None = None, kv_group_size: int | None = None):
         self.lm = lm
         self.runner = _runner(lm, _with_kv(lm, options or default_options(), kv_bits, kv_value_bits, kv_group_size))
+        kv = self.runner.options.kv
+        if kv is not None and kv.bits != kv.value_bits and self.runner.fused is None:
+            raise UsageError(MIXED_KV_BITS)
         is_cpu = not self.runner.options.full_buffer
         self.max_batch = max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
         self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()
@@ -89,7 +95,6 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens or (4096 if is_cpu else 32768)
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
         self.scheduler = Scheduler()
-        kv = self.runner.options.kv
         self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe(),
                                  kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "")
         self._bytes_per_token = self.runner.kv_bytes_per_token()
