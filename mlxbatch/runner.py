@@ -32,6 +32,7 @@ from mlxbatch.errors import (
     MlxbatchError,
     ModelError,
     RowError,
+    UsageError,
     WorkerError,
 )
 from mlxbatch.job import source
@@ -62,6 +63,7 @@ class _InFlight:
     item: Item
     done: list = field(default_factory=list)
     remaining: int = 0
+    error: tuple | None = None  # (code, message) of a sample that could not run: the row is an error record
 
 
 STOP_SIGNALS = exits.EXIT_SIGNALS
@@ -132,7 +134,8 @@ class JobLoop:
         self.ready: deque[tuple[source.Row, Item]] = deque()  # rendered, not yet given to the engine
         self.inflight: dict[int, _InFlight] = {}
         self.stop = _StopFlag()
-        self.engine: BatchEngine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb)
+        self.engine: BatchEngine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb,
+                                                  **spec.kv_engine_args)
         if self.engine.workers:
             self._start_workers()
         self.window = max(4 * self.engine.max_batch, 256)
@@ -232,20 +235,35 @@ class JobLoop:
         record = self.maker.error(line=row.line, rid=rid if isinstance(rid, (str, int)) else None, code=err.code,
                                   message=err.message, custom_id=rid if is_openai and isinstance(rid, str) else None,
                                   is_openai=is_openai)
-        self.cp.add(row.index, ERRORS, record)
+        self._add_error(row.index, record)
+
+    def _add_error(self, index: int, record: dict) -> None:
+        self.cp.add(index, ERRORS, record)
         self.stats.done_now += 1
         self.stats.errors += 1
+
+    def _engine_error(self, index: int, slot: _InFlight) -> None:
+        """A row whose sample the engine could not run (out of memory even alone): its error record."""
+        item, (code, message) = slot.item, slot.error
+        record = self.maker.error(line=item.line, rid=item.custom_id if item.is_openai else item.id, code=code,
+                                  message=f"line {item.line}: {message}", custom_id=item.custom_id,
+                                  is_openai=item.is_openai)
+        self._add_error(index, record)
 
     def _finish_sample(self, c) -> None:
         index, sample = c.key
         slot = self.inflight[index]
         slot.done[sample] = c
         slot.remaining -= 1
-        if slot.item.params.constraint is not None:
+        slot.error = slot.error or c.error
+        if slot.item.params.constraint is not None and c.error is None:
             self.stats.constrained += 1
             self.stats.constrained_truncated += c.finish_reason == "length"
         if slot.remaining == 0:
             del self.inflight[index]
+            if slot.error is not None:
+                self._engine_error(index, slot)
+                return
             self.cp.add(index, RESULTS, self.maker.records(slot.item, slot.done))
             self.stats.done_now += 1
 
@@ -272,7 +290,10 @@ class JobLoop:
             seconds=round(prev.get("seconds", 0) + s.elapsed, 2),
             constrained=prev.get("constrained", 0) + s.constrained,
             constrained_truncated=prev.get("constrained_truncated", 0) + s.constrained_truncated,
-            gen_tok_s_last_run=round(s.gen_tps_avg, 1), model=s.model, device=s.device)
+            gen_tok_s_last_run=round(s.gen_tps_avg, 1), model=s.model, device=s.device,
+            kv_format=s.engine.kv_format, kv_peak_mb_last_run=round(s.engine.kv_peak_bytes / 1e6, 1),
+            kv_budget_mb_last_run=round(s.engine.kv_budget_bytes / 1e6, 1),
+            oom_retries=prev.get("oom_retries", 0) + s.engine.oom_retries)
         self.cp.commit(state)
 
 
@@ -282,6 +303,39 @@ def attach_adapters(lm: models.LoadedModel, opened: list) -> None:
         for adapter in opened:
             adapter_files.load_weights(adapter, lm.model)
     lm.adapters = opened
+
+
+def _check_kv_format(spec: JobSpec) -> None:
+    """A KV group size must divide the model's head dimension: checked from its config, before the
+    weights load (a usage error, not a failure minutes later)."""
+    if not spec.kv_bits:
+        return
+    from mlxbatch.engine.kvquant import make
+
+    config = _model_config(spec)
+    heads = config.get("num_attention_heads")
+    head = config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config else None)
+    try:
+        kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=head)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if kv.bits != kv.value_bits and config.get("model_type", "llama") != "llama":
+        from mlxbatch.engine.core import MIXED_KV_BITS
+
+        raise UsageError(MIXED_KV_BITS)
+
+
+def _model_config(spec: JobSpec) -> dict:
+    if spec.model.startswith("random:"):
+        config = models.RANDOM_PRESETS.get(spec.model.split(":", 1)[1], {})
+    else:
+        path = models.local_path(spec.model, dtype=spec.dtype)  # what `load` reads next (cached)
+        try:
+            config = orjson.loads((path / "config.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return {}  # `load` says what is wrong with the folder
+        config = {**config, **config.get("text_config", {})}
+    return config
 
 
 def _workers_factory(spec: JobSpec, engine_factory):
@@ -312,6 +366,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     source.kind_of(spec.input)
     _check_columns(spec)
     check_kept_fields(spec.output_format, spec.keep_fields)
+    _check_kv_format(spec)
     if spec.workers:
         engine_factory = _workers_factory(spec, engine_factory)  # before loading: no Ray, no load
     # With workers the driver loads no weights: they live on the workers' devices.

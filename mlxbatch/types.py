@@ -93,6 +93,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     logprobs: list | None = None  # [(token, logprob, [(token, logprob), ...]), ...]
+    error: tuple[str, str] | None = None  # (code, message) when the sample could not run (finish_reason "error")
 
     @property
     def completion_tokens(self) -> int:
@@ -110,12 +111,16 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     active: int = 0
+    active_peak: int = 0  # most rows in flight at once
     capacity: int = 0
     waiting: int = 0
     kv_bytes: int = 0  # KV held by the running batch: rows' own columns plus shared prefixes once
     kv_shared_bytes: int = 0  # of which shared prefixes
     kv_peak_bytes: int = 0
     prefix_cache_bytes: int = 0  # computed prefixes kept for later units (may overlap kv_shared_bytes)
+    kv_budget_bytes: int = 0  # the KV budget admission works to (lowered after running out of memory)
+    kv_format: str = ""  # how KV is stored: "" the model dtype, else e.g. "8-bit, groups of 64"
+    oom_retries: int = 0  # steps that ran out of memory and were retried with less
     forward: str = ""  # the model runner's backend choices, for the log
 
 

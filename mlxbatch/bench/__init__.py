@@ -4,7 +4,9 @@ Owns: the workloads (parallm-325, shared-prefix, mixed-lengths, long-outputs; ad
 bench/adapters.py),
 running them through `run_job` (the same path as `mlxbatch run`), through
 mlx-lm's `batch_generate`, and through HF transformers static batching where
-torch is installed; the result table. Does not own: any engine code.
+torch is installed; with `kv_bits`, one mlxbatch run per KV format at one fixed KV budget (rows
+in flight, tok/s, peak memory for each); the result table. `kv-quality` lives in kvquality.py.
+Does not own: any engine code.
 """
 
 from __future__ import annotations
@@ -86,21 +88,24 @@ class _NoEos:
         return getattr(self._tok, name)
 
 
-def _run_mlxbatch(lm, messages, max_tokens: int, batch: int) -> dict:
+def _run_mlxbatch(lm, messages, max_tokens: int, batch: int, kv: dict | None = None) -> dict:
     from mlxbatch.runner import run_job
 
+    kv = kv or {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.jsonl"
         path.write_bytes(b"".join(orjson.dumps({"id": i, "messages": m}) + b"\n" for i, m in enumerate(messages)))
         spec = JobSpec(input=path, output=Path(tmp) / "out", model=lm.name,
-                       sampling=SamplingParams(max_tokens=max_tokens), batch_size=batch, commit_seconds=5.0).validate()
+                       sampling=SamplingParams(max_tokens=max_tokens), batch_size=batch, commit_seconds=5.0,
+                       **kv).validate()
         t = time.perf_counter()
         stats = run_job(spec, lm=lm)
         secs = time.perf_counter() - t
     e = stats.engine
     return {"tokens": e.generated_tokens, "seconds": secs, "prompt_computed": e.prompt_computed,
             "prompt_total": e.prompt_tokens, "kv_peak_gb": round(e.kv_peak_bytes / 1e9, 3),
-            "decode_steps": e.steps}
+            "decode_steps": e.steps, "rows_in_flight_peak": e.active_peak, "kv_format": e.kv_format or "model dtype",
+            "kv_budget_gb": round(e.kv_budget_bytes / 1e9, 3)}
 
 
 def _run_mlx_lm(lm, prompts, max_tokens: int, batch: int) -> dict:
@@ -185,7 +190,17 @@ def _median_run(run, *args, repeat: int) -> dict:
 
 
 def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts: int | None,
-              batch_size: int | None, dtype: str, peers: list[str], as_json: bool, repeat: int = 3) -> str:
+              batch_size: int | None, dtype: str, peers: list[str], as_json: bool, repeat: int = 3,
+              kv_bits: list[int] | None = None, max_kv_gb: float | None = None, kv_rows: int | None = None) -> str:
+    if workload == "kv-quality":
+        from mlxbatch.bench.kvquality import run_kv_quality
+
+        return run_kv_quality(model=model, dtype=dtype, rows=num_prompts or 8, steps=max_tokens or 256,
+                              as_json=as_json)
+    if kv_bits or max_kv_gb or kv_rows:
+        return _run_kv_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
+                             batch_size=batch_size, dtype=dtype, peers=peers, as_json=as_json, repeat=repeat,
+                             kv_bits=kv_bits or [16], max_kv_gb=max_kv_gb, kv_rows=kv_rows)
     if workload not in WORKLOADS:
         raise UsageError(f"unknown workload {workload!r} (workloads: {', '.join(WORKLOADS)})")
     if workload == "adapters":
@@ -224,6 +239,61 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
         if hf is not None:
             results["hf transformers (static)"] = hf
     return _report(workload, lm, prompts, max_tokens, batch, results, as_json, repeat)
+
+
+def _kv_budget_gb(lm, prompts, max_tokens: int, rows: int) -> float:
+    """The KV budget that holds `rows` of the longest of these rows in the model dtype, nothing shared."""
+    from mlxbatch.engine.core import _runner
+
+    per_token = _runner(lm, None).kv_bytes_per_token()
+    return rows * per_token * (max(len(p) for p in prompts) + max_tokens) / 1e9
+
+
+def _run_kv_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts: int | None,
+                  batch_size: int | None, dtype: str, peers: list[str], as_json: bool, repeat: int,
+                  kv_bits: list[int], max_kv_gb: float | None, kv_rows: int | None) -> str:
+    """One mlxbatch run per KV format at one KV budget (`max_kv_gb`, or what holds `kv_rows` rows in
+    the model dtype), against mlx-lm's batch_generate with as many rows as that budget holds uncompressed."""
+    if workload not in WORKLOADS:
+        raise UsageError(f"unknown workload {workload!r} (workloads: {', '.join(WORKLOADS)}, kv-quality)")
+    if any(b not in (4, 8, 16) for b in kv_bits):
+        raise UsageError(f"--kv-bits takes 16, 8 and 4 (comma list), got {kv_bits}")
+    messages, default_tokens = WORKLOADS[workload](num_prompts)
+    max_tokens = max_tokens or default_tokens
+    lm = models.load(model, dtype=dtype)
+    prompts = [list(lm.tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in messages]
+    rows = kv_rows or 64
+    budget = max_kv_gb or _kv_budget_gb(lm, prompts, max_tokens, rows)
+    batch = batch_size or 512  # the budget, not the batch cap, decides the rows in flight
+    gc.collect()
+    gc.freeze()
+    results = {}
+    for bits in kv_bits:
+        kv = {"max_kv_gb": budget, **({"kv_bits": bits} if bits != 16 else {})}
+        _run_mlxbatch(lm, messages, max_tokens, batch, kv)  # untimed: kernels and plans for this format
+        results[f"mlxbatch kv{bits}"] = _median_run(_run_mlxbatch, lm, messages, max_tokens, batch, kv, repeat=repeat)
+    if "mlx-lm" in peers:
+        peer_rows = kv_rows or max(1, results.get("mlxbatch kv16", {}).get("rows_in_flight_peak", 64))
+        _run_mlx_lm(lm, prompts, max_tokens, peer_rows)
+        results["mlx-lm batch_generate"] = _median_run(_run_mlx_lm, lm, prompts, max_tokens, peer_rows, repeat=repeat)
+        results["mlx-lm batch_generate"]["rows_in_flight_peak"] = peer_rows
+    for r in results.values():
+        r["tok_s"] = r["tokens"] / r["seconds"]
+    first = next(iter(results.values()))
+    summary = {"workload": workload, "model": lm.name, "dtype": lm.dtype,
+               "device": f"{models.backend()} {mx.default_device()}", "device_info": mx.device_info(),
+               "num_prompts": len(prompts), "max_tokens": max_tokens, "max_kv_gb": round(budget, 6),
+               "kv_rows_at_model_dtype": rows, "repeat": repeat,
+               "versions": {"mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__}, "results": results}
+    if as_json:
+        return json.dumps(summary, default=str)
+    lines = [f"workload {workload}: {len(prompts)} prompts, max_tokens {max_tokens}, KV budget {budget:.3f} GB "
+             f"(~{rows} rows in {lm.dtype}), model {lm.name} on {summary['device']}; median of {repeat}",
+             f"{'engine':24s} {'rows':>6s} {'tok/s':>10s} {'peak GB':>8s} {'KV peak GB':>11s} {'vs first':>9s}"]
+    for name, r in results.items():
+        lines.append(f"{name:24s} {r['rows_in_flight_peak']:>6} {r['tok_s']:>10,.1f} {r['peak_memory_gb']:>8.2f} "
+                     f"{r.get('kv_peak_gb', float('nan')):>11.3f} {r['tok_s'] / first['tok_s']:>8.2f}x")
+    return "\n".join(lines)
 
 
 def _report(workload, lm, prompts, max_tokens, batch, results, as_json, repeat) -> str:

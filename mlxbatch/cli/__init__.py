@@ -63,6 +63,9 @@ def run(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="max sequences in flight (default: as many as the KV budget holds)"),
     max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40% of memory)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8 (default: auto, by backend)"),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="store the KV cache at 8 or 4 bits (~2x / ~3.5x the rows in the same memory); 16: the model dtype (default)"),
+    kv_value_bits: Optional[int] = typer.Option(None, "--kv-value-bits", help="values at other bits than keys, 8 or 4 (default: as --kv-bits)"),
+    kv_group_size: Optional[int] = typer.Option(None, "--kv-group-size", help="elements per scale in the compressed KV: 32, 64 or 128 (default: 64 where it divides the head dimension)"),
     id_field: Optional[str] = typer.Option(None, "--id-field", help="input field holding the row id (default: id)"),
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="input field holding a plain prompt (default: prompt)"),
     messages_field: Optional[str] = typer.Option(None, "--messages-field", help="input field holding chat messages (default: messages)"),
@@ -142,7 +145,7 @@ def validate(
 
 @app.command()
 def bench(
-    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | adapters"),
+    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | adapters | kv-quality"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts"),
@@ -151,13 +154,28 @@ def bench(
     peers: str = typer.Option("mlx-lm,hf", "--peers", help="comma list of peers to run: mlx-lm, hf"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     repeat: int = typer.Option(3, "--repeat", min=1, help="timed runs per MLX system; the median is reported"),
+    kv_bits: Optional[str] = typer.Option(None, "--kv-bits", help="comma list of KV formats to run at one KV budget: 16,8,4"),
+    max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="the KV budget of every --kv-bits run"),
+    kv_rows: Optional[int] = typer.Option(None, "--kv-rows", help="budget that holds this many rows uncompressed (default 64)"),
 ) -> None:
     """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
     from mlxbatch.bench import run_bench
 
     typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
                          batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out,
-                         repeat=repeat))
+                         repeat=repeat, kv_bits=_int_list(kv_bits, "--kv-bits"), max_kv_gb=max_kv_gb,
+                         kv_rows=kv_rows))
+
+
+def _int_list(text: str | None, name: str) -> list[int] | None:
+    from mlxbatch.errors import UsageError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{name} takes a comma list of integers, got {text!r}") from None
 
 
 @app.command()

@@ -37,10 +37,10 @@ def load_object(path: str):
 
 class Worker:
     def __init__(self, model: str, *, dtype: str, ignore_eos: bool | None, max_batch: int | None,
-                 max_kv_gb: float | None, engine: str = DEFAULT_ENGINE, adapters: tuple = ()):
+                 max_kv_gb: float | None, engine: str = DEFAULT_ENGINE, adapters: tuple = (), **kv_args):
         self.args = dict(model=model, dtype=dtype, ignore_eos=ignore_eos)
         self.adapters = adapters  # (name, absolute path or None) as the driver opened them
-        self.engine_args = dict(max_batch=max_batch, max_kv_gb=max_kv_gb)
+        self.engine_args = dict(max_batch=max_batch, max_kv_gb=max_kv_gb, **kv_args)  # kv_args: --kv-bits, ...
         self.engine_path = engine
         self.engine = None
         self.grammars = None

@@ -38,7 +38,8 @@ _OUTSTANDING_BATCHES = 2  # requests kept at a worker: its next batch is there b
 _CALLS_IN_FLIGHT = 2
 # Engine counters that say "now" (summed over running workers); every other number only grows
 # (summed over all workers, a lost one's included).
-_NOW = ("active", "capacity", "waiting", "kv_bytes", "kv_shared_bytes", "kv_peak_bytes", "prefix_cache_bytes")
+_NOW = ("active", "capacity", "waiting", "kv_bytes", "kv_shared_bytes", "kv_peak_bytes", "prefix_cache_bytes",
+        "kv_budget_bytes", "active_peak")
 _CUMULATIVE = tuple(f.name for f in fields(EngineStats) if f.type in ("int", int) and f.name not in _NOW)
 
 
@@ -117,7 +118,7 @@ class WorkerPool:
     def __init__(self, lm, *, max_batch: int | None = None, max_kv_gb: float | None = None, num_workers: int,
                  address: str | None = None, dtype: str = "auto", ignore_eos: bool | None = None,
                  engine: str = DEFAULT_ENGINE, max_restarts: int = MAX_RESTARTS, defer_start: bool = False,
-                 adapters: tuple = ()):
+                 adapters: tuple = (), **kv_args):
         self.lm, self.max_restarts = lm, max_restarts
         self.session = Session(address, num_workers=num_workers)
         self.ray = self.session.ray
@@ -125,7 +126,7 @@ class WorkerPool:
             options = self.session.actor_options(num_workers)
             self._actor_cls = self.ray.remote(**options)(Worker)
             self._worker_args = dict(dtype=dtype, ignore_eos=ignore_eos, max_batch=max_batch, max_kv_gb=max_kv_gb,
-                                     engine=engine, adapters=adapters)
+                                     engine=engine, adapters=adapters, **kv_args)  # kv_args: the KV format
             self.slots = [_Slot(i, max_batch or 0) for i in range(num_workers)]
             self.stats = EngineStats()
             self.workers = [s.status for s in self.slots]  # the dashboard reads these as they change
@@ -352,5 +353,6 @@ class WorkerPool:
         for name in _NOW:
             setattr(self.stats, name, sum(getattr(x, name) for x in live))
         self.stats.waiting += self.num_waiting
+        self.stats.kv_format = next((x.kv_format for x in live if x.kv_format), "")
         forward = next((x.forward for x in live if x.forward), "")
         self.stats.forward = f"{len(live)} workers running: {forward}" if forward else ""

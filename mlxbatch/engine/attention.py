@@ -18,6 +18,8 @@ from functools import partial
 
 import mlx.core as mx
 
+from mlxbatch.engine.kvquant import KVQuant, first, is_packed, scores, weighted
+
 
 @dataclass(frozen=True)
 class AttendOptions:
@@ -32,6 +34,7 @@ class AttendOptions:
     # groups' columns (H200, 1B shared-prefix, 4 groups, 50M scores: 4.2-4.5x mlx-lm blocked
     # in 4 runs vs 6.8x looped in 1).
     max_blocked_scores: int = 1 << 24
+    kv: KVQuant | None = None  # keys/values stored packed (kvquant.py); None: the model dtype
 
 
 def additive(mask: mx.array, dtype) -> mx.array:
@@ -45,6 +48,8 @@ def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions
     in a group, the group's stored prefix (`groups`: a GroupPlan, or None)."""
     B, H, L, D = q.shape
     if groups is None:
+        if is_packed(k):
+            return _packed(q, k, v, scale, mask, opts)
         if L == 1 and opts.one_query_matmul:
             return _one_query(q, k, v, scale, mask, opts).reshape(B, 1, H * D)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -63,19 +68,19 @@ def blocked_cascade(q, k, v, mask, kv, block_mask, *, scale: float, opts: Attend
     every row, else [[1, B, 1, P]] additive). Reads each prefix once with a few operations,
     whatever the number of groups; costs B x P scores."""
     B, H, _, D = q.shape
-    Hkv = k.shape[1]
+    Hkv = first(k).shape[1]
     G = H // Hkv
     qg = q.reshape(B, Hkv, G, D)
     own = _part(qg, k, v, scale, mask if mask.dtype != mx.bool_ else additive(mask, q.dtype), opts)
     pk, pv = kv
-    P = pk.shape[2]
+    P = first(pk).shape[2]
     stacked = qg.transpose(1, 0, 2, 3).reshape(1, Hkv, B * G, D)
-    s = ((stacked @ pk.swapaxes(-1, -2)).astype(mx.float32) * scale).reshape(Hkv, B, G, P)
+    s = (scores(stacked, pk, opts.kv).astype(mx.float32) * scale).reshape(Hkv, B, G, P)
     if block_mask:
         s = s + block_mask[0]
     m = mx.max(s, axis=-1, keepdims=True)
     p = mx.exp(s - mx.where(m == -mx.inf, 0, m))  # a row outside every group: all zeros
-    o = p.astype(pv.dtype).reshape(1, Hkv, B * G, P) @ pv
+    o = weighted(p.reshape(1, Hkv, B * G, P), pv, opts.kv)
     back = lambda x: x.reshape(Hkv, B, G, -1).transpose(1, 0, 2, 3)  # noqa: E731
     shared = (back(o), back(m), back(mx.sum(p, axis=-1, keepdims=True)))
     return _merge(own, shared).astype(q.dtype).reshape(B, 1, H * D)
@@ -86,17 +91,33 @@ def cascade(q, k, v, mask, kvs, rows, perm, *, scale: float, opts: AttendOptions
     """Own columns and shared prefixes, merged; `kvs` per group, `rows` for groups that are
     not the whole batch in order (`has_rows`), `perm` ([] or [batch row -> part position])."""
     B, H, L, D = q.shape
-    Hkv = k.shape[1]
+    qg, mask = _grouped(q, first(k).shape[1], mask)
+    own = _part(qg, k, v, scale, mask, opts, many=L > 1)
+    row_iter = iter(rows)
+    picked = [next(row_iter) if r else None for r in has_rows]
+    shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts, many=L > 1)
+    return _heads_last(_merge(own, shared).astype(q.dtype).reshape(B, H, L, D))
+
+
+def _grouped(q, Hkv: int, mask):
+    """q [B, H, L, D] -> [B, Hkv, G * L, D], rows ordered (query head in group, position), and the
+    mask (additive) repeated to match: the query heads that share a KV head read it in one matmul."""
+    B, H, L, D = q.shape
     M = (H // Hkv) * L
-    qg = q.reshape(B, Hkv, M, D)  # rows ordered (query head in group, position)
     mask = mask if mask.dtype != mx.bool_ else additive(mask, q.dtype)
     if L > 1:  # the same [L, S] mask for every query head of a group
         mask = mx.broadcast_to(mask[:, :, None], (B, 1, H // Hkv, L, mask.shape[-1])).reshape(B, 1, M, -1)
-    own = _part(qg, k, v, scale, mask, opts)
-    row_iter = iter(rows)
-    picked = [next(row_iter) if r else None for r in has_rows]
-    shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts)
-    return _heads_last(_merge(own, shared).astype(q.dtype).reshape(B, H, L, D))
+    return q.reshape(B, Hkv, M, D), mask
+
+
+def _packed(q, k, v, scale: float, mask, opts: AttendOptions) -> mx.array:
+    """Attention over packed keys/values (no shared prefix): the products read the packed cache
+    (kvquant.scores / weighted), scores and softmax in float32."""
+    B, H, L, D = q.shape
+    qg, mask = _grouped(q, first(k).shape[1], mask)
+    s = scores(qg, k, opts.kv, L > 1).astype(mx.float32) * scale + mask
+    o = weighted(mx.softmax(s, axis=-1), v, opts.kv, L > 1)
+    return _heads_last(o.astype(q.dtype).reshape(B, H, L, D))
 
 
 def _heads_last(o: mx.array) -> mx.array:
@@ -117,21 +138,21 @@ def _one_query(q, k, v, scale, mask, opts):
     return mx.softmax(scores, axis=-1, precise=True) @ v
 
 
-def _part(qg, k, v, scale: float, mask, opts):
+def _part(qg, k, v, scale: float, mask, opts, many: bool = False):
     """Unnormalised softmax part: (p @ v, row max, row sum), scores in float32."""
-    kt = k.swapaxes(-1, -2)
     if mask is None:
-        s = (qg @ kt).astype(mx.float32) * scale
-    elif opts.mask_addmm:
-        s = mx.addmm(mx.broadcast_to(mask, (*qg.shape[:-1], k.shape[2])), qg, kt, alpha=scale).astype(mx.float32)
+        s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale
+    elif opts.mask_addmm and not is_packed(k):
+        s = mx.addmm(mx.broadcast_to(mask, (*qg.shape[:-1], k.shape[2])), qg, k.swapaxes(-1, -2),
+                     alpha=scale).astype(mx.float32)
     else:
-        s = (qg @ kt).astype(mx.float32) * scale + mask
+        s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale + mask
     m = mx.max(s, axis=-1, keepdims=True)
     p = mx.exp(s - m)
-    return p.astype(v.dtype) @ v, m, mx.sum(p, axis=-1, keepdims=True)
+    return weighted(p, v, opts.kv, many), m, mx.sum(p, axis=-1, keepdims=True)
 
 
-def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts):
+def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts, many: bool = False):
     """The shared-prefix part of every row (rows outside any group contribute nothing)."""
     _, Hkv, M, D = qg.shape
     outs, maxes, sums = [], [], []
@@ -139,7 +160,7 @@ def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts):
         qr = qg if picked is None else qg[picked]
         n = qr.shape[0]
         stacked = qr.transpose(1, 0, 2, 3).reshape(1, Hkv, n * M, D)  # all rows of the group in one matmul
-        o, m, s = _part(stacked, pk, pv, scale, None, opts)
+        o, m, s = _part(stacked, pk, pv, scale, None, opts, many)
         outs.append(_unstack(o, n))
         maxes.append(_unstack(m, n))
         sums.append(_unstack(s, n))

@@ -3,23 +3,29 @@
 Owns: the decode loop (one sampled-token array and one host transfer per step,
 the next step queued before the previous tokens are read), chunked prefill of
 admitted units interleaved with decode steps, shared-prefix KV reuse through a
-byte-capped LRU, stop tokens / stop strings / max_tokens, lazy slot compaction
-and the counters the dashboard shows. Does not own: reading input or writing
+byte-capped LRU, stop tokens / stop strings / max_tokens, lazy slot compaction,
+surviving an out-of-memory failure (the failed step's rows rerun from their start on a smaller
+batch and budget; a row that fails alone is an `out_of_memory` error) and the counters the
+dashboard shows. Does not own: reading input or writing
 results (runner.py), grouping (scheduler.py), sampling maths (sampling.py).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
 from mlxbatch.engine.kvcache import BatchCache, SharedPrefix
+from mlxbatch.engine.kvquant import each
 from mlxbatch.engine.model_runner import ForwardOptions, ModelRunner, default_options
+from mlxbatch.engine.oom import free_memory, is_out_of_memory
 from mlxbatch.engine.prefix_cache import PrefixCache
 from mlxbatch.engine.sampling import RowParams, allowed_tokens, sample
 from mlxbatch.engine.scheduler import Scheduler, Unit, request_key
+from mlxbatch.errors import UsageError
 from mlxbatch.models import LoadedModel
 from mlxbatch.types import Completion, EngineStats, Request
 
@@ -30,6 +36,10 @@ _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a co
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared tokens (a system prompt)
+_OOM_SHRINK = 0.5  # after running out of memory: budget, batch width and prefill sizes times this
+_MIN_PREFILL_CHUNK = 16
+MIXED_KV_BITS = ("--kv-value-bits other than --kv-bits needs a llama-family model: this one runs mlx-lm's own "
+                 "layers, whose attention reads keys and values at one bit width")
 
 
 @dataclass
@@ -80,9 +90,13 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, *, max_batch: int | None = None, max_kv_gb: float | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
-                 max_prefill_tokens: int | None = None, options: ForwardOptions | None = None):
+                 max_prefill_tokens: int | None = None, options: ForwardOptions | None = None,
+                 kv_bits: int | None = None, kv_value_bits: int | None = None, kv_group_size: int | None = None):
         self.lm = lm
-        self.runner = _runner(lm, options)
+        self.runner = _runner(lm, _with_kv(lm, options or default_options(), kv_bits, kv_value_bits, kv_group_size))
+        kv = self.runner.options.kv
+        if kv is not None and kv.bits != kv.value_bits and self.runner.fused is None:
+            raise UsageError(MIXED_KV_BITS)
         is_cpu = not self.runner.options.full_buffer
         self.max_batch = max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
         self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()
@@ -90,7 +104,8 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens or (4096 if is_cpu else 32768)
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
         self.scheduler = Scheduler()
-        self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe())
+        self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe(),
+                                 kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "")
         self._bytes_per_token = self.runner.kv_bytes_per_token()
         self._eos = frozenset(lm.eos_token_ids)
         self._cache: BatchCache | None = None
@@ -102,6 +117,8 @@ class Engine:
         self._num_alive = 0
         self._num_guided = 0  # live rows with a grammar (structured output)
         self._cancelled: set = set()  # keys of rows cancelled mid-prefill: they join dead
+        self._prefilling = None  # the unit whose prefill runs now: an allocation failure is its alone
+        self._failed_alone: set[int] = set()  # ids of requests that ran out of memory as the only row
 
     # ------------------------------------------------------------ public API (engine/protocol.py)
     workers: tuple = ()  # no workers: everything runs in this process
@@ -155,24 +172,39 @@ class Engine:
 
     def step(self) -> list[Completion]:
         """One scheduling round and one decode step; returns rows that finished."""
-        self._compact()
-        self._admit()
-        if not self._rows:
-            return []
-        current = self._next
-        if self._num_guided:  # a grammar's next mask needs this step's tokens: read them first
-            done = self._absorb(current)
-            self._next = self._decode(current[0]) if self.num_active else None
-        else:
-            self._next = self._decode(current[0]) if self.num_active else None
-            done = self._absorb(current)
+        done: list[Completion] = []
+        try:
+            if not self._step(done):
+                return done
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            done += self._recover(exc)
         self._count()
         return done
 
+    def _step(self, done: list) -> bool:
+        """The step's work; rows that finish are appended to `done` as they do (so a failure
+        later in the step loses none). False when no row is running."""
+        self._compact()
+        self._admit()
+        if not self._rows:
+            return False
+        current = self._next
+        if self._num_guided:  # a grammar's next mask needs this step's tokens: read them first
+            done += self._absorb(current)
+            self._next = self._decode(current[0]) if self.num_active else None
+        else:
+            self._next = self._decode(current[0]) if self.num_active else None
+            done += self._absorb(current)
+        return True
+
     def _count(self) -> None:
         st = self.stats
+        st.capacity, st.kv_budget_bytes = self.max_batch, self.max_kv_bytes
         st.steps += 1
         st.active = self.num_active
+        st.active_peak = max(st.active_peak, st.active)
         st.waiting = len(self.scheduler)
         caches = [c for c in (self._cache, self._filling and self._filling[1]) if c is not None]
         # A prefix used by both the running batch and the unit being prefilled is held once.
@@ -292,8 +324,11 @@ class Engine:
                                             max_prefill_tokens=self.max_prefill_tokens)
             if unit is None:
                 return
+            self._prefilling = unit
             self._filling = self._start_unit(unit)
+        self._prefilling = self._filling[0]
         self._prefill_chunk()
+        self._prefilling = None
 
     def _rows_within_budget(self, free: int) -> int:
         """Rows that fit the KV budget, assuming each may reach its own columns + max_tokens;
@@ -337,7 +372,8 @@ class Engine:
             cache = self.runner.new_cache(len(reqs))
             cache.layout.share(prefix)
             return cache
-        return BatchCache.from_prefix(prefix.kv, len(reqs), p, full_buffer=self.runner.options.full_buffer)
+        return BatchCache.from_prefix(prefix.kv, len(reqs), p, full_buffer=self.runner.options.full_buffer,
+                                      kv=self.runner.options.kv)
 
     def _should_share(self, rows: int, p: int) -> bool:
         opts = self.runner.options
@@ -376,6 +412,7 @@ class Engine:
         params.counter = params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.eval(sampled, *cache.arrays(), *(extra or ()))
+        self._prefilling = None  # computed: from here on the unit is part of the running batch
         self._num_guided += num_guided
         self._drop_cancelled(rows)
         self._compact(force=True)
@@ -413,23 +450,91 @@ class Engine:
             self.stats.prefix_hits += 1
             return found
         kv = found.kv if found else None
-        head, n = self.prefix_cache.shared_head(key)
+        full, packed = self.runner.options.full_buffer, self.runner.options.kv
+        head, n = self.prefix_cache.shared_head(key) if packed is None else (None, 0)  # packed KV: no head slicing
         n -= 1 if adapter and n else 0  # the key's adapter tag token is not a position of the KV
         if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
             kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n
         self.stats.prefix_hit_tokens += have
-        full = self.runner.options.full_buffer
-        cache = BatchCache.from_prefix(kv, 1, have, full_buffer=full) if have else self.runner.new_cache(1)
+        cache = BatchCache.from_prefix(kv, 1, have, full_buffer=full, kv=packed) if have else self.runner.new_cache(1)
         rest = mx.array([prefix[have:]], dtype=mx.int32)
         for start in range(0, rest.shape[1], self.prefill_chunk):
             chunk = rest[:, start : start + self.prefill_chunk]
             cache.layout.begin(mx.ones(chunk.shape, dtype=mx.bool_))
             self.runner.forward_hidden(chunk, cache, [adapter] if self.runner.bank else None)
         self.stats.prompt_computed += rest.shape[1]
-        stored = SharedPrefix(key, [tuple(mx.contiguous(x) for x in kv) for kv in cache.prefix_kv()], len(prefix))
-        mx.eval([x for kv in stored.kv for x in kv])
+        stored = SharedPrefix(key, [tuple(each(mx.contiguous, x) for x in kv) for kv in cache.prefix_kv()], len(prefix))
+        mx.eval(stored.kv)
         self.prefix_cache.put(stored)
         return stored
+
+
+    # ------------------------------------------------------------ out of memory
+    def _recover(self, exc: BaseException) -> list[Completion]:
+        """After an allocation failure: drop the failed step's rows (the unit being prefilled, or
+        the whole running batch and that unit), free memory, shrink the budget, batch width and
+        prefill sizes, and queue the rows again from their first token (nothing of theirs was
+        returned yet). A row that fails twice running alone cannot run at all: an error completion."""
+        unit = self._prefilling  # set: the failure came from this unit's prefill, the batch is intact
+        failed = list(unit.requests) if unit is not None else []
+        in_batch = unit is None and bool(self._rows)
+        if unit is None and self._filling is not None:  # a unit mid-prefill goes too: it holds memory
+            failed += self._filling[0].requests
+        held = self.stats.kv_bytes
+        if in_batch:
+            alive = [r for r in self._rows if r.is_alive]
+            failed = [r.request for r in alive] + failed
+            self.stats.generated_tokens -= sum(len(r.generated) for r in alive)  # they run again
+            self._cache, self._rows, self._params, self._next = None, [], None, None
+            self._num_alive = self._num_guided = 0
+        self._filling = self._prefilling = None
+        self.prefix_cache.clear()
+        free_memory()
+        # A row that failed alone gets one more try (smaller prefill chunks, memory freed); twice: an error.
+        alone = len(failed) == 1 and not self._rows
+        gives_up = alone and id(failed[0]) in self._failed_alone
+        if alone:
+            self._failed_alone.add(id(failed[0]))
+        self._shrink(len(failed) + self.num_active, held)
+        self.stats.oom_retries += 1
+        what = "prefill" if unit is not None else "decode"
+        if gives_up:
+            r = failed[0]
+            print(f"[mlxbatch] out of memory: a row of {len(r.tokens):,} prompt tokens cannot run even alone "
+                  f"(an out_of_memory error record): {str(exc)[:200]}", file=sys.stderr, flush=True)
+            return [Completion(r.key, "", [], "error", len(r.tokens), None,
+                               ("out_of_memory", f"out of memory running this row alone ({len(r.tokens):,} prompt "
+                                                 f"tokens, max_tokens {r.params.max_tokens}): {str(exc)[:200]}"))]
+        for r in failed:
+            if r.guide is not None:
+                r.guide.reset()
+            self.scheduler.add(r)
+        print(f"[mlxbatch] out of memory in {what} ({str(exc)[:120]}); retrying its {len(failed)} rows with "
+              f"batch {self.max_batch}, KV budget {self.max_kv_bytes / 1e9:.2f} GB", file=sys.stderr, flush=True)
+        return []
+
+    def _shrink(self, rows: int, held: int) -> None:
+        self.max_batch = max(1, int(min(self.max_batch, rows) * _OOM_SHRINK))
+        floor = self._bytes_per_token * min(self._longest_row(), 1024)
+        self.max_kv_bytes = max(floor, int(min(self.max_kv_bytes, max(held, floor)) * _OOM_SHRINK))
+        self.max_prefill_tokens = max(_MIN_PREFILL_CHUNK, int(self.max_prefill_tokens * _OOM_SHRINK))
+        self.prefill_chunk = max(_MIN_PREFILL_CHUNK, int(self.prefill_chunk * _OOM_SHRINK))
+
+
+def _with_kv(lm: LoadedModel, options: ForwardOptions, bits, value_bits, group_size) -> ForwardOptions:
+    """The options with the KV format asked for (checked against the model's head dimension)."""
+    from mlxbatch.engine.kvquant import make
+
+    if not bits:
+        return options
+    kv = make(bits, value_bits, group_size, head_dim=head_dim(lm.model.args))
+    if kv is None:
+        return options
+    return replace(options, kv_bits=kv.bits, kv_value_bits=kv.value_bits, kv_group_size=kv.group_size)
+
+
+def head_dim(args) -> int:
+    return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
 
 
 def _concat_extra(old, new, num_old: int):

@@ -4,6 +4,8 @@ Owns: per-layer key/value buffers of a batch of rows that share one column
 layout (a boolean `valid` mask says which columns each row may attend to), the
 per-row RoPE positions, shared prefixes stored once (a group's rows attend to one
 copy; see attention.py), merging batches, dropping rows and trimming columns.
+With a `KVQuant` format, keys and values are packed as they are written (kvquant.py): every
+buffer is then a (words, scales, biases) triple, handled part by part with the same indexing.
 Unlike mlx-lm's BatchKVCache (left padding only), gaps may sit anywhere, so a
 shared prefix can be followed by right-aligned suffixes of different lengths.
 Does not own: running the model (model_runner.py), which rows run (scheduler.py).
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from mlxbatch.engine.attention import cascade_function
+from mlxbatch.engine.kvquant import KVQuant, each, each2, first, nbytes, zeros_like_cols
 
 _GROW = 256  # columns added at a time to long rows, as mlx-lm's caches do
 # With `full_buffer`, attention runs over the whole buffer (unused columns masked), so its
@@ -40,12 +43,12 @@ class SharedPrefix:
     """A prompt prefix's keys/values, stored once (batch 1, per layer), for a group of rows."""
 
     key: bytes
-    kv: list  # per layer (keys, values), each [1, Hkv, length, D]
+    kv: list  # per layer (keys, values), each [1, Hkv, length, D] (packed: triples)
     length: int
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv)
+        return sum(nbytes(k) + nbytes(v) for k, v in self.kv)
 
 
 class GroupPlan:
@@ -88,18 +91,24 @@ class GroupPlan:
             return self.prefixes[0].kv[layer]
         if layer not in self._joined:
             parts = [p.kv[layer] for p in self.prefixes]
-            self._joined[layer] = tuple(mx.concatenate([x[i] for x in parts], axis=2) for i in (0, 1))
+            self._joined[layer] = tuple(_concat_cols([x[i] for x in parts]) for i in (0, 1))
         return self._joined[layer]
 
     @property
     def joined_bytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self._joined.values())
+        return sum(nbytes(k) + nbytes(v) for k, v in self._joined.values())
 
     def function(self, scale: float, opts, *, compiled: bool, blocked: bool):
         key = (scale, opts, compiled, blocked)
         if key not in self._functions:
             self._functions[key] = cascade_function(self, scale, opts, compiled=compiled, blocked=blocked)
         return self._functions[key]
+
+
+def _concat_cols(xs: list):
+    if isinstance(xs[0], tuple):
+        return tuple(mx.concatenate(parts, axis=2) for parts in zip(*xs))
+    return mx.concatenate(xs, axis=2)
 
 
 def _inverse(order: list[int]) -> mx.array:
@@ -112,7 +121,8 @@ def _inverse(order: list[int]) -> mx.array:
 class Layout:
     """Column bookkeeping shared by every layer of one batch, and its rows' shared prefixes."""
 
-    def __init__(self, batch: int, *, full_buffer: bool = False):
+    def __init__(self, batch: int, *, full_buffer: bool = False, kv: KVQuant | None = None):
+        self.kv = kv  # the packed format of every layer's keys/values, or None (the model dtype)
         self.valid = mx.zeros((batch, 0), dtype=mx.bool_)
         self.offset = mx.zeros((batch,), dtype=mx.int32)  # RoPE position of the next column
         self.idx = 0  # columns in use
@@ -182,29 +192,43 @@ class LayerCache:
         self.keys = None
         self.values = None
 
+    # What mlx-lm's attention looks for to read a quantized cache (architectures that run mlx-lm's
+    # own layers): present only while the buffers are packed, since its presence is the test.
+    @property
+    def bits(self) -> int:
+        kv = self.layout.kv
+        if kv is None or not isinstance(self.keys, tuple) or kv.bits != kv.value_bits:
+            raise AttributeError("bits")
+        return kv.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.kv.group_size
+
     @property
     def offset(self):
         return self.layout.offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         start, n = self.layout.idx, keys.shape[2]
-        if self.keys is None or start + n > self.keys.shape[2]:
+        if self.layout.kv is not None:
+            keys, values = self.layout.kv.pack(keys, values)
+        if self.keys is None or start + n > first(self.keys).shape[2]:
             self._grow(keys, values, start + n)
-        self.keys[..., start : start + n, :] = keys
-        self.values[..., start : start + n, :] = values
+        each2(lambda buf, new: buf.__setitem__((..., slice(start, start + n), slice(None)), new), self.keys, keys)
+        each2(lambda buf, new: buf.__setitem__((..., slice(start, start + n), slice(None)), new), self.values, values)
         if self.layout.full_buffer:
             return self.keys, self.values
-        return self.keys[..., : start + n, :], self.values[..., : start + n, :]
+        return _cols(self.keys, 0, start + n), _cols(self.values, 0, start + n)
 
     def _grow(self, keys, values, needed: int) -> None:
-        B, H, _, Dk = keys.shape
+        B = first(keys).shape[0]
         cols = capacity(needed, fine=not self.layout.full_buffer)
-        new_k = mx.zeros((B, H, cols, Dk), keys.dtype)
-        new_v = mx.zeros((B, H, cols, values.shape[3]), values.dtype)
+        new_k, new_v = zeros_like_cols(keys, B, cols), zeros_like_cols(values, B, cols)
         if self.keys is not None:
             used = self.layout.idx
-            new_k[..., :used, :] = self.keys[..., :used, :]
-            new_v[..., :used, :] = self.values[..., :used, :]
+            for new, old in ((new_k, self.keys), (new_v, self.values)):
+                each2(lambda a, b: a.__setitem__((..., slice(0, used), slice(None)), b[..., :used, :]), new, old)
         self.keys, self.values = new_k, new_v
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):
@@ -213,7 +237,7 @@ class LayerCache:
         total = self.layout.idx + N
         cap = total
         if self.layout.full_buffer:
-            cap = max(capacity(total, fine=False), self.keys.shape[2] if self.keys is not None else 0)
+            cap = max(capacity(total, fine=False), first(self.keys).shape[2] if self.keys is not None else 0)
         valid = _pad_right(self.layout.valid[:, :total], cap - total)[:, None, None, :]
         if N == 1:
             return valid
@@ -223,14 +247,14 @@ class LayerCache:
 
     def used(self):
         idx = self.layout.idx
-        return self.keys[..., :idx, :], self.values[..., :idx, :]
+        return _cols(self.keys, 0, idx), _cols(self.values, 0, idx)
 
 
 class BatchCache:
     """All layers' caches of one batch plus their shared layout."""
 
-    def __init__(self, num_layers: int, batch: int, *, full_buffer: bool = False):
-        self.layout = Layout(batch, full_buffer=full_buffer)
+    def __init__(self, num_layers: int, batch: int, *, full_buffer: bool = False, kv: KVQuant | None = None):
+        self.layout = Layout(batch, full_buffer=full_buffer, kv=kv)
         self.layers = [LayerCache(self.layout) for _ in range(num_layers)]
 
     @property
@@ -245,25 +269,25 @@ class BatchCache:
         out = [self.layout.valid, self.layout.offset]
         for c in self.layers:
             if c.keys is not None:
-                out += [c.keys, c.values]
+                out += [*_parts(c.keys), *_parts(c.values)]
         return out
 
     @property
     def nbytes(self) -> int:
         """Bytes of this batch's own buffers (shared prefixes not included)."""
-        return sum(c.keys.nbytes + c.values.nbytes for c in self.layers if c.keys is not None)
+        return sum(nbytes(c.keys) + nbytes(c.values) for c in self.layers if c.keys is not None)
 
     @classmethod
-    def from_prefix(cls, prefix_kv: list, batch: int, length: int, *, full_buffer: bool = False) -> "BatchCache":
+    def from_prefix(cls, prefix_kv: list, batch: int, length: int, *, full_buffer: bool = False,
+                    kv: KVQuant | None = None) -> "BatchCache":
         """A batch whose rows all start with a copy of the same computed prefix."""
-        bc = cls(len(prefix_kv), batch, full_buffer=full_buffer)
+        bc = cls(len(prefix_kv), batch, full_buffer=full_buffer, kv=kv)
         if length == 0:
             return bc
+        # A real buffer, so later writes do not touch the cached prefix.
+        copy = lambda x: mx.array(mx.broadcast_to(x, (batch, *x.shape[1:])))  # noqa: E731
         for c, (k, v) in zip(bc.layers, prefix_kv):
-            c.keys = mx.broadcast_to(k, (batch, *k.shape[1:]))
-            c.values = mx.broadcast_to(v, (batch, *v.shape[1:]))
-            # A real buffer, so later writes do not touch the cached prefix.
-            c.keys, c.values = mx.array(c.keys), mx.array(c.values)
+            c.keys, c.values = each(copy, k), each(copy, v)
         bc.layout.valid = mx.ones((batch, length), dtype=mx.bool_)
         bc.layout.offset = mx.full((batch,), length, dtype=mx.int32)
         bc.layout.idx = length
@@ -271,7 +295,7 @@ class BatchCache:
 
     def prefix_kv(self) -> list:
         """Row 0's keys/values of every layer (for the prefix cache)."""
-        return [tuple(x[:1] for x in c.used()) for c in self.layers]
+        return [tuple(each(lambda a: a[:1], x) for x in c.used()) for c in self.layers]
 
     def keep(self, rows: list[int], *, trim: bool = False) -> None:
         """Drop every row not listed; with `trim`, also the leading columns no row uses
@@ -279,15 +303,15 @@ class BatchCache:
         index = mx.array(rows, dtype=mx.int32)
         lay = self.layout
         valid = lay.valid[index]
-        first = int(mx.argmax(valid.any(axis=0)).item()) if trim and lay.idx else 0
-        lay.valid = valid[:, first:]
+        start = int(mx.argmax(valid.any(axis=0)).item()) if trim and lay.idx else 0
+        lay.valid = valid[:, start:]
         lay.offset = lay.offset[index]
         lay.keep_groups(rows)
         for c in self.layers:
             if c.keys is not None:
-                c.keys = c.keys[index, :, first : lay.idx, :]
-                c.values = c.values[index, :, first : lay.idx, :]
-        lay.idx -= first
+                c.keys = each(lambda a: a[index, :, start : lay.idx, :], c.keys)
+                c.values = each(lambda a: a[index, :, start : lay.idx, :], c.values)
+        lay.idx -= start
 
     def merge(self, other: "BatchCache") -> None:
         """Append other's rows; the shorter side gets invalid columns on the left."""
@@ -300,8 +324,8 @@ class BatchCache:
         lay.merge_groups(olay)
         for c, o in zip(self.layers, other.layers):
             (ak, av), (bk, bv) = _used_or_empty(c, o), _used_or_empty(o, c)
-            c.keys = mx.concatenate([_pad_kv(ak, a_pad), _pad_kv(bk, b_pad)], axis=0)
-            c.values = mx.concatenate([_pad_kv(av, a_pad), _pad_kv(bv, b_pad)], axis=0)
+            c.keys = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), ak, bk)
+            c.values = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), av, bv)
         lay.idx = cols
 
 
@@ -326,6 +350,13 @@ def _pad_kv(x: mx.array, n: int) -> mx.array:
 def _used_or_empty(c: LayerCache, like: LayerCache):
     if c.keys is not None:
         return c.used()
-    k, v = like.keys, like.values
     B = c.layout.batch
-    return (mx.zeros((B, k.shape[1], 0, k.shape[3]), k.dtype), mx.zeros((B, v.shape[1], 0, v.shape[3]), v.dtype))
+    return zeros_like_cols(like.keys, B, 0), zeros_like_cols(like.values, B, 0)
+
+
+def _cols(x, lo: int, hi: int):
+    return each(lambda a: a[..., lo:hi, :], x)
+
+
+def _parts(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)

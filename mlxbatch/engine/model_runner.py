@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 from mlxbatch.engine.attention import AttendOptions
 from mlxbatch.engine.fused import DecodePlan, fuse, hidden_states
 from mlxbatch.engine.kvcache import BatchCache
+from mlxbatch.engine.kvquant import KVQuant
 from mlxbatch.engine.lora import Bank
 
 # Architectures whose mlx-lm Model is `model.model(...)` then lm_head / tied embedding.
@@ -43,6 +44,13 @@ class ForwardOptions:
     max_blocked_scores: int = AttendOptions.max_blocked_scores  # see AttendOptions
     adapter_mode: str = "auto"  # rows' adapter updates: dense | gather | auto (engine/lora.py)
     fuse_adapter: bool = True  # a lone adapter (no base rows) folded into float weights at load
+    kv_bits: int = 0  # keys (and values) stored packed at 4 or 8 bits (kvquant.py); 0: the model dtype
+    kv_value_bits: int = 0  # values at other bits than keys; 0: as keys
+    kv_group_size: int = 64
+    # Attention reads the packed cache with MLX's quantized matmul; False: each product dequantizes
+    # its operand first. For one query a row (decode), and for prefill chunks (KV_QUANTIZED_MATMUL).
+    kv_quantized_matmul: bool = True
+    kv_prefill_quantized_matmul: bool = True
 
     @classmethod
     def for_backend(cls, backend: str, **overrides) -> "ForwardOptions":
@@ -58,6 +66,8 @@ class ForwardOptions:
         step, 8B 14.14 vs 14.22-14.33; SmolLM2 within its run-to-run noise either way)."""
         gpu, cuda = backend != "cpu", backend == "cuda"
         return replace(cls(full_buffer=gpu, one_query_matmul=cuda, use_addmm=cuda, dense_q=cuda,
+                           kv_quantized_matmul=KV_QUANTIZED_MATMUL[backend][0],
+                           kv_prefill_quantized_matmul=KV_QUANTIZED_MATMUL[backend][1],
                            min_shared_tokens=256 if gpu else 32,
                            small_model_bytes=10**9 if cuda else 0), **overrides)
 
@@ -65,7 +75,22 @@ class ForwardOptions:
     def attend(self) -> AttendOptions:
         return AttendOptions(one_query_matmul=self.one_query_matmul, mask_addmm=self.mask_addmm,
                              compiled=self.full_buffer and self.compiled_decode,
-                             max_blocked_scores=self.max_blocked_scores)
+                             max_blocked_scores=self.max_blocked_scores, kv=self.kv)
+
+    @property
+    def kv(self) -> KVQuant | None:
+        if not self.kv_bits:
+            return None
+        return KVQuant(self.kv_bits, self.kv_value_bits or self.kv_bits, self.kv_group_size,
+                       self.kv_quantized_matmul, self.kv_prefill_quantized_matmul)
+
+
+# Per backend, (decode, prefill): read the packed KV with quantized_matmul (True) or dequantize each
+# operand, then matmul (False). CPU (scripts/kv_attention_probe.py, 64 rows x 512 columns, SmolLM2
+# heads, fp32; a loaded 2-core host): decode 81 ms quantized_matmul vs 305 dequantize (8-bit), a
+# 64-query prefill chunk 6.9 s vs 1.0 s. Metal and CUDA keep MLX's quantized kernels (mlx-lm's
+# choice) until scripts/gpu/kv.sh's probe says otherwise.
+KV_QUANTIZED_MATMUL = {"cpu": (True, False), "metal": (True, True), "cuda": (True, True)}
 
 
 def env_overrides() -> dict:
@@ -121,10 +146,14 @@ class ModelRunner:
 
     def describe(self) -> str:
         """One line for the log: what runs and why."""
-        on = [k for k, v in asdict(self.options).items() if v is True]
+        on = [k for k, v in asdict(self.options).items() if v is True and not k.startswith("kv_")]
         on = [f"{k} (from {self.options.min_shared_tokens} tokens)" if k == "shared_prefix" else k for k in on]
         path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
-        return f"forward: {path}; " + ", ".join(on) + (f"; {self.bank.describe()}" if self.bank else "")
+        kv = self.options.kv
+        form = lambda qmm: "quantized_matmul" if qmm else "dequantize"  # noqa: E731
+        packed = (f"; KV {kv.describe()}, read by {form(kv.quantized_matmul)} (decode), "
+                  f"{form(kv.prefill_quantized_matmul)} (prefill)") if kv else ""
+        return f"forward: {path}; " + ", ".join(on) + (f"; {self.bank.describe()}" if self.bank else "") + packed
 
     def close(self) -> None:
         """Give the model back as it was loaded (adapter wrappers removed, fused adapter weights restored)."""
@@ -139,7 +168,7 @@ class ModelRunner:
             self.bank.begin(adapters if adapters is not None else [0] * tokens.shape[0])
 
     def new_cache(self, batch: int) -> BatchCache:
-        return BatchCache(self.num_layers, batch, full_buffer=self.options.full_buffer)
+        return BatchCache(self.num_layers, batch, full_buffer=self.options.full_buffer, kv=self.options.kv)
 
     def kv_bytes_per_token(self) -> int:
         args = self.model.args
@@ -148,7 +177,9 @@ class ModelRunner:
         # Keys/values take the activations' dtype: that of the model's floating parameters.
         itemsize = next(v.dtype.size for _, v in tree_flatten(self.model.parameters())
                         if mx.issubdtype(v.dtype, mx.floating))
-        return 2 * self.num_layers * heads * head_dim * itemsize
+        kv = self.options.kv
+        per_head = kv.bytes_per_token(head_dim, itemsize) if kv else 2 * head_dim * itemsize
+        return int(self.num_layers * heads * per_head)
 
     def _hidden(self, tokens: mx.array, cache: BatchCache) -> mx.array:
         if self.fused is not None:

@@ -44,6 +44,10 @@ class PrefixCache:
         if best is not None:
             self._items.move_to_end(best.key)
         return best, n
+    def clear(self) -> None:
+        """Forget every prefix (after running out of memory; rows using one keep their reference)."""
+        self._items.clear()
+        self.nbytes = 0
 
     def put(self, prefix: SharedPrefix) -> None:
         size = prefix.nbytes

@@ -166,6 +166,10 @@ class Guide:
         self.matcher.consume_token(token)
         return self.matcher.is_stopped() or self.matcher.is_error()
 
+    def reset(self) -> None:
+        """Back to the start (the engine reruns a row from its first token after running out of memory)."""
+        self.matcher.reset()
+
     def masks(self, guided: list, batch: int) -> np.ndarray:
         """The batch bitmask for `guided` (row, Guide) pairs of this guide's tokenizer."""
         return self.grammars.masks(guided, batch)

@@ -23,6 +23,9 @@ MAX_TOKENS = 1_000_000
 MAX_TOP_LOGPROBS = 20
 MAX_WORKERS = 64
 BASE_ADAPTER = "none"  # an adapter path meaning the base model
+KV_BITS = (4, 8, 16)  # as engine/kvquant.py's BITS, plus 16 (off); repeated here so settings load no MLX
+KV_GROUP_SIZES = (32, 64, 128)
+_KV_KEYS = ("kv_bits", "kv_value_bits", "kv_group_size")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def _texts(r: Rule, v):
 
 def _choice(r: Rule, v):
     if v not in r.choices:
-        raise ValueError(f"must be one of {', '.join(r.choices)}, got {v!r}")
+        raise ValueError(f"must be one of {', '.join(map(str, r.choices))}, got {v!r}")
     return v
 
 
@@ -173,6 +176,10 @@ RULES: dict[str, Rule] = {
     "ray_address": Rule("name", is_optional=True),  # None: a local Ray; "auto" or host:port: join one
     "adapter": Rule("adapters"),  # mlx-lm LoRA/DoRA adapters: PATH, NAME=PATH, NAME=none (the base model)
     "each_adapter": Rule("bool"),  # every row once per adapter
+    # KV stored packed (engine/kvquant.py): bits of keys (and values), values' own bits, group size.
+    "kv_bits": Rule("choice", choices=KV_BITS, is_optional=True),  # None or 16: the model dtype
+    "kv_value_bits": Rule("choice", choices=KV_BITS, is_optional=True),  # None: as kv_bits
+    "kv_group_size": Rule("choice", choices=KV_GROUP_SIZES, is_optional=True),  # None: 64 where it divides the head
 }
 # The SamplingParams fields set by a key of the same name; `logprobs` is built from two keys.
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams) if f.name not in ("logprobs", "constraint"))
@@ -209,6 +216,10 @@ class JobSpec:
     # Ray workers: how the job runs, not what it writes (a resume may use another count).
     workers: int | None = field(default=None, metadata=_RUN_ONLY)
     ray_address: str | None = field(default=None, metadata=_RUN_ONLY)
+    # Compressed KV changes outputs (a little): resume settings, left out of the manifest while unset.
+    kv_bits: int | None = None
+    kv_value_bits: int | None = None
+    kv_group_size: int | None = None
     # (name, path or None) in order; the manifest checks them by content (runner.build_manifest).
     adapter: tuple[tuple[str, str | None], ...] = field(default=(), metadata=_RUN_ONLY)
     each_adapter: bool = False
@@ -227,12 +238,31 @@ class JobSpec:
             raise UsageError(f"--ray-address {self.ray_address} needs --workers N (how many workers to start there)")
         if self.each_adapter and not self.adapter:
             raise UsageError("--each-adapter needs adapters: give --adapter NAME=PATH (and base=none for the base model)")
-        spec = self
+        spec = self._kv_resolved()
         if self.ignore_eos is None:  # resolved here so a resume compares what runs, not what was typed
             spec = replace(spec, ignore_eos=self.model.startswith("random:"))
         if (self.json_schema or self.regex) and self.sampling.constraint is None:
             spec = replace(spec, sampling=replace(self.sampling, constraint=self._constraint()))
         return spec
+
+    def _kv_resolved(self) -> "JobSpec":
+        """16 bits is the model dtype (off); the other KV keys need --kv-bits (the head-dimension
+        check needs the model's config: runner.py, before the weights load)."""
+        spec = replace(self, kv_bits=None) if self.kv_bits == 16 else self
+        if spec.kv_value_bits == 16 and spec.kv_bits is None:
+            spec = replace(spec, kv_value_bits=None)
+        if spec.kv_bits is None:
+            extra = [option_name(k) for k in ("kv_value_bits", "kv_group_size") if getattr(spec, k) is not None]
+            if extra:
+                raise UsageError(f"{' and '.join(extra)} need --kv-bits 8 or 4 (the KV cache is in the model dtype)")
+        elif spec.kv_value_bits == 16:
+            raise UsageError("--kv-value-bits 16 with --kv-bits: values must be packed too (4 or 8)")
+        return spec
+
+    @property
+    def kv_engine_args(self) -> dict:
+        """The engine's KV format arguments, empty when KV stays in the model dtype."""
+        return {k: getattr(self, k) for k in _KV_KEYS} if self.kv_bits else {}
 
     def _constraint(self):
         """The job-wide constraint, checked now: a bad schema or regex stops before the model loads."""
@@ -272,6 +302,9 @@ class JobSpec:
         for f in fields(self):
             if f.name != "sampling" and f.metadata.get("is_resume_setting", True):
                 out[f.name] = getattr(self, f.name)
+        if self.kv_bits is None:  # likewise for jobs with the KV in the model dtype
+            for k in _KV_KEYS:
+                del out[k]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 

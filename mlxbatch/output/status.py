@@ -41,6 +41,10 @@ def job_status(folder: Path) -> str:
     if state.get("constrained"):
         lines.insert(-1, f"structured: {state['constrained']:,} constrained outputs, {state.get('constrained_truncated', 0):,} "
                      "cut off by max_tokens before they closed (parsed: null)")
+    if "kv_peak_mb_last_run" in state:
+        lines.insert(-1, f"kv cache:  {state.get('kv_format') or 'model dtype'}; last run peak "
+                     f"{state['kv_peak_mb_last_run']:,.1f} MB held of a {state.get('kv_budget_mb_last_run', 0):,.0f} MB budget"
+                     + (f"; {state['oom_retries']} out-of-memory retries" if state.get("oom_retries") else ""))
     if holder:
         lines.append(f"running:   pid {holder} holds this folder (a run is writing to it)")
     elif not complete:

@@ -37,9 +37,11 @@ def _table(s: JobStats) -> Table:
         t.add_row("structured", _structured(s))
     t.add_row("prefix cache", f"{100 * s.prefix_hit_rate:.0f}% of prompt tokens reused ({e.prefix_hits} cache hits)")
     mem = s.memory()
-    t.add_row("memory (driver)" if s.workers else "memory", f"MLX {mem['mlx_active_mb']:,.0f} MB (peak {mem['mlx_peak_mb']:,.0f}), RSS peak {mem['rss_peak_mb']:,.0f} MB")
+    t.add_row("memory (driver)" if s.workers else "memory",
+              f"MLX {mem['mlx_active_mb']:,.0f} MB (peak {mem['mlx_peak_mb']:,.0f}), RSS peak {mem['rss_peak_mb']:,.0f} MB")
     t.add_row("KV cache", f"{e.kv_bytes / 1e6:,.0f} MB held ({e.kv_shared_bytes / 1e6:,.0f} MB shared prefixes, "
-              f"stored once), peak {e.kv_peak_bytes / 1e6:,.0f} MB; prefix LRU {e.prefix_cache_bytes / 1e6:,.0f} MB")
+              f"stored once), peak {e.kv_peak_bytes / 1e6:,.0f} MB; prefix LRU {e.prefix_cache_bytes / 1e6:,.0f} MB; "
+              + kv_line(e))
     t.add_row("model", f"{s.model} on {s.device}  ->  {s.output}")
     t.add_row("", e.forward)
     for w in s.workers:
@@ -60,6 +62,14 @@ def _workers_line(s: JobStats) -> str:
                                               for w in s.workers)
 
 
+def kv_line(e) -> str:
+    """How KV is stored and the budget admission works to (lowered after running out of memory)."""
+    fmt = e.kv_format or "model dtype"
+    budget = f"budget {e.kv_budget_bytes / 1e9:,.2f} GB" if e.kv_budget_bytes else ""
+    lowered = f" (lowered after {e.oom_retries} out-of-memory retries)" if e.oom_retries else ""
+    return f"{fmt}, {budget}{lowered}" if budget else fmt
+
+
 def _structured(s: JobStats) -> str:
     return (f"{s.constrained:,} constrained outputs, {s.constrained_truncated:,} cut off by max_tokens "
             "before they closed (parsed: null)")
@@ -69,7 +79,7 @@ def _plain_line(s: JobStats) -> str:
     return (f"[mlxbatch] {s.done}/{s.total_rows} rows, {s.errors} errors, {s.gen_tps_now:.0f} gen tok/s "
             f"({s.gen_tps_avg:.0f} avg), {s.prompt_tps_now:.0f} prompt tok/s, {s.engine.active} in flight, "
             + (f"{s.constrained_truncated} of {s.constrained} constrained cut off, " if s.constrained else "")
-            + f"prefix reuse {100 * s.prefix_hit_rate:.0f}%, KV {s.engine.kv_bytes / 1e6:.0f} MB, ETA {fmt_duration(s.eta_seconds)}")
+            + f"prefix reuse {100 * s.prefix_hit_rate:.0f}%, KV {s.engine.kv_bytes / 1e6:.0f} MB ({kv_line(s.engine)}), ETA {fmt_duration(s.eta_seconds)}")
 
 
 class Dashboard:

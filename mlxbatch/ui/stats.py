@@ -114,7 +114,9 @@ class JobStats:
             "prompt_tokens": e.prompt_tokens, "prompt_computed": e.prompt_computed,
             "prompt_padding": e.prompt_padding, "prefix_hit_tokens": e.prefix_hit_tokens,
             "generated_tokens": e.generated_tokens, "kv_mb": round(e.kv_bytes / 1e6, 1),
-            "kv_shared_mb": round(e.kv_shared_bytes / 1e6, 1), "constrained": self.constrained,
+            "kv_shared_mb": round(e.kv_shared_bytes / 1e6, 1), "kv_peak_mb": round(e.kv_peak_bytes / 1e6, 1),
+            "kv_budget_mb": round(e.kv_budget_bytes / 1e6, 1), "oom_retries": e.oom_retries,
+            "constrained": self.constrained,
             "constrained_truncated": self.constrained_truncated, **self.memory(),
             **({"workers": [_worker_snapshot(w) for w in self.workers]} if self.workers else {}),
         }
