@@ -33,7 +33,6 @@ VARIANTS = {
     "uncompiled": ForwardOptions.for_backend(_B, compiled_decode=False),
     "sdpa": ForwardOptions.for_backend(_B, one_query_matmul=False),
     "no-addmm": ForwardOptions.for_backend(_B, use_addmm=False),
-    "mask-addmm": ForwardOptions.for_backend(_B, mask_addmm=True),  # the mask added by the score matmul
     "mlx-lm-layers": ForwardOptions.for_backend(_B, fused=False),  # the forward 1B/8B ran before
     "exact": ForwardOptions.for_backend(_B, full_buffer=False),  # attend over used columns only
     "dense-q": ForwardOptions.for_backend(_B, dense_q=True),

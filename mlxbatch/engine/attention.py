@@ -26,8 +26,6 @@ class AttendOptions:
     """How attention is computed on this backend (chosen once, by the model runner)."""
 
     one_query_matmul: bool = False  # one query as matmuls (CUDA: MLX's masked one-query sdpa is a slow gemv)
-    mask_addmm: bool = False  # mask added by the score matmul (one kernel, but CUDA's batched addmm
-    # with a broadcast mask takes a pointer-array path; MLX's CPU addmm is slow)
     compiled: bool = False  # one-token cascade as one compiled call (where cache shapes are bucketed)
     # Score elements when every row's query meets every stored prefix in one matmul (float32:
     # 64 MB); above it, one matmul per group: more operations, but no row scored against other
@@ -131,10 +129,7 @@ def _one_query(q, k, v, scale, mask, opts):
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, D)
     mask = mask if mask.dtype != mx.bool_ else additive(mask, q.dtype)
-    if opts.mask_addmm:
-        scores = mx.addmm(mx.broadcast_to(mask, (B, Hkv, H // Hkv, k.shape[2])), qg, k.swapaxes(-1, -2), alpha=scale)
-    else:
-        scores = (qg @ k.swapaxes(-1, -2)) * scale + mask
+    scores = (qg @ k.swapaxes(-1, -2)) * scale + mask
     return mx.softmax(scores, axis=-1, precise=True) @ v
 
 
@@ -142,9 +137,6 @@ def _part(qg, k, v, scale: float, mask, opts, many: bool = False):
     """Unnormalised softmax part: (p @ v, row max, row sum), scores in float32."""
     if mask is None:
         s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale
-    elif opts.mask_addmm and not is_packed(k):
-        s = mx.addmm(mx.broadcast_to(mask, (*qg.shape[:-1], k.shape[2])), qg, k.swapaxes(-1, -2),
-                     alpha=scale).astype(mx.float32)
     else:
         s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale + mask
     m = mx.max(s, axis=-1, keepdims=True)

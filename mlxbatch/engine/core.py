@@ -61,6 +61,16 @@ class _Row:
         return self.request.guide
 
 
+@dataclass
+class _Filling:
+    """A unit mid-prefill: its cache, its padded tokens and their mask, and the columns done so far."""
+    unit: Unit
+    cache: BatchCache
+    tokens: mx.array
+    valid: mx.array
+    done_cols: int = 0
+
+
 def _runner(lm: LoadedModel, options: ForwardOptions | None) -> ModelRunner:
     """The model's last runner when the choices are the same: a later engine over the same model
     (bench's timed run, a library caller's next job) reuses its fused weights and compiled
@@ -112,7 +122,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._params: RowParams | None = None
         self._next: tuple[mx.array, mx.array | None] | None = None  # sampled, not yet read
-        self._filling = None  # a unit mid-prefill: (unit, cache, tokens, valid, done_cols)
+        self._filling: _Filling | None = None  # a unit mid-prefill
         self._wants_logprobs = False
         self._num_alive = 0
         self._num_guided = 0  # live rows with a grammar (structured output)
@@ -148,7 +158,7 @@ class Engine:
                 self._num_guided -= row.guide is not None
                 self.stats.active = self._num_alive
                 return True
-        if self._filling is not None and any(r.key == key for r in self._filling[0].requests):
+        if self._filling is not None and any(r.key == key for r in self._filling.unit.requests):
             self._cancelled.add(key)
             return True
         return False
@@ -206,7 +216,7 @@ class Engine:
         st.active = self.num_active
         st.active_peak = max(st.active_peak, st.active)
         st.waiting = len(self.scheduler)
-        caches = [c for c in (self._cache, self._filling and self._filling[1]) if c is not None]
+        caches = [c for c in (self._cache, self._filling and self._filling.cache) if c is not None]
         # A prefix used by both the running batch and the unit being prefilled is held once.
         shared = {id(p): p.nbytes for c in caches for p in c.layout.groups}
         st.kv_shared_bytes = sum(shared.values()) + sum(c.layout.joined_bytes for c in caches)
@@ -326,7 +336,7 @@ class Engine:
                 return
             self._prefilling = unit
             self._filling = self._start_unit(unit)
-        self._prefilling = self._filling[0]
+        self._prefilling = self._filling.unit
         self._prefill_chunk()
         self._prefilling = None
 
@@ -345,7 +355,7 @@ class Engine:
         return min(own, self.lm.context_length)
 
     # ------------------------------------------------------------ prefill
-    def _start_unit(self, unit: Unit):
+    def _start_unit(self, unit: Unit) -> _Filling:
         reqs, p = unit.requests, unit.prefix_len
         cache = self._unit_cache(reqs, p)
         suffixes = [r.tokens[p:] for r in reqs]
@@ -360,7 +370,7 @@ class Engine:
         st.prompt_computed += sum(len(s) for s in suffixes)
         st.prompt_padding += sum(pads)
         st.prefix_hit_tokens += p * (len(reqs) - 1)
-        return unit, cache, tokens, valid, 0
+        return _Filling(unit, cache, tokens, valid)
 
     def _unit_cache(self, reqs: list, p: int) -> BatchCache:
         """A unit's cache: its common prefix stored once for the group when that pays,
@@ -387,13 +397,14 @@ class Engine:
         return held + self._bytes_per_token * p * rows > self.max_kv_bytes
 
     def _prefill_chunk(self) -> None:
-        unit, cache, tokens, valid, start = self._filling
+        f = self._filling
+        unit, cache, tokens, start = f.unit, f.cache, f.tokens, f.done_cols
         stop = min(start + self.prefill_chunk, tokens.shape[1])
-        cache.layout.begin(valid[:, start:stop])
+        cache.layout.begin(f.valid[:, start:stop])
         adapters = self._adapters(unit.requests)
         if stop < tokens.shape[1]:
             self.runner.forward_hidden(tokens[:, start:stop], cache, adapters)
-            self._filling = (unit, cache, tokens, valid, stop)
+            f.done_cols = stop
             return
         logits = self.runner.forward_last(tokens[:, start:stop], cache, adapters)
         self._filling = None
@@ -479,7 +490,7 @@ class Engine:
         failed = list(unit.requests) if unit is not None else []
         in_batch = unit is None and bool(self._rows)
         if unit is None and self._filling is not None:  # a unit mid-prefill goes too: it holds memory
-            failed += self._filling[0].requests
+            failed += self._filling.unit.requests
         held = self.stats.kv_bytes
         if in_batch:
             alive = [r for r in self._rows if r.is_alive]

@@ -33,7 +33,6 @@ class ForwardOptions:
     full_buffer: bool = False  # attend over the bucketed buffer: shapes change per bucket, not per step
     one_query_matmul: bool = False  # see AttendOptions
     use_addmm: bool = False  # residuals added by the matmuls (one kernel instead of two)
-    mask_addmm: bool = False  # see AttendOptions
     fused: bool = True  # fused q/k/v and gate/up projections (llama)
     compiled_decode: bool = True  # the compiled one-token layer (plain llama weights)
     dense_q: bool = False  # q copied dense: its score matmul is one strided batch, not a pointer array
@@ -73,7 +72,7 @@ class ForwardOptions:
 
     @property
     def attend(self) -> AttendOptions:
-        return AttendOptions(one_query_matmul=self.one_query_matmul, mask_addmm=self.mask_addmm,
+        return AttendOptions(one_query_matmul=self.one_query_matmul,
                              compiled=self.full_buffer and self.compiled_decode,
                              max_blocked_scores=self.max_blocked_scores, kv=self.kv)
 
