@@ -136,12 +136,12 @@ class Faults:
             setattr(self.runner, name, self._wrap(name, monkey))
 
     def _wrap(self, name, fn):
-        def call(tokens, cache):
+        def call(tokens, cache, *rest):  # rest: the rows' adapters, where the runner takes them
             self.calls += 1
             if self.calls in self.at or (self.when is not None and self.when(tokens, cache)):
                 self.raised.append((name, tokens.shape))
                 raise RuntimeError(OOM)
-            return fn(tokens, cache)
+            return fn(tokens, cache, *rest)
         return call
 
     def undo(self):
