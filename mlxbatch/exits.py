@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, NoReturn
+
+TYPE_CHECKING = False  # no `typing` import: this module loads while a signal may already be on its way
+if TYPE_CHECKING:
+    from typing import Callable, NoReturn
 
 EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_json_reports_median_of_repeats_and_peak_memory():
     out = subprocess.run([sys.executable, "-m", "mlxbatch", "bench", "parallm-325", "--model", "random:tiny",
                           "--num-prompts", "6", "--max-tokens", "4", "--peers", "mlx-lm", "--repeat", "3", "--json"],

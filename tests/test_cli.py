@@ -81,6 +81,7 @@ def test_bad_rows_become_error_records(tmp_path):
     assert all(e["line"] > 0 and e["error"]["message"].startswith(f"line {e['line']}") for e in errors)
 
 
+@pytest.mark.slow
 def test_changed_setting_is_refused(prompts_file, tmp_path):
     out = tmp_path / "out"
     assert cli("run", prompts_file, "-o", out, *TINY).exit_code == 0
@@ -135,6 +136,7 @@ def _job_args(src, out):
     return ["run", src, "-o", out, "--model", "random:tiny", "--max-tokens", "24", "--batch-size", "6", "-q"]
 
 
+@pytest.mark.slow
 def test_kill_loop_resumes_exactly(tmp_path):
     n = 4000 if LONG else 800  # enough rows that every planned kill lands before the end
     src = _big_input(tmp_path, n)
@@ -162,6 +164,7 @@ def test_kill_loop_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_signal_commits_and_exits_130(tmp_path, sig):
     src, out = _big_input(tmp_path, 300), tmp_path / "out"
     p = _spawn(_job_args(src, out))
@@ -177,6 +180,7 @@ def test_signal_commits_and_exits_130(tmp_path, sig):
     assert len(ids_of(out)) == 300 and done <= 300
 
 
+@pytest.mark.slow
 def test_double_sigint_exits_at_once_and_resumes(tmp_path):
     src, out = _big_input(tmp_path, 200), tmp_path / "out"
     p = _spawn(_job_args(src, out))

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import LONG
 
 NUM_ROWS, WARMUP_ROWS, MAX_GROWTH_MB = (200_000, 10_000, 50.0) if LONG else (6_000, 2_000, 8.0)
@@ -45,6 +46,7 @@ print(f"rows={stats.done} rss_after_warmup_mb={mark['rss']:.1f} rss_end_mb={rss_
 """
 
 
+@pytest.mark.slow
 def test_rss_flat_through_the_real_engine(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CHILD, str(NUM_ROWS), str(WARMUP_ROWS), str(tmp_path)],
                           capture_output=True, text=True, timeout=3600, cwd=os.path.dirname(__file__))

@@ -54,6 +54,7 @@ LAYOUTS = {  # what each backend runs, all checked on the CPU
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.slow
 def test_batched_greedy_equals_single_stream_tiny(tiny, layout):
     prompts = varied_prompts(tiny, 24)
     reqs = [Request(i, p, SamplingParams(max_tokens=8 + i % 9)) for i, p in enumerate(prompts)]
@@ -65,6 +66,7 @@ def test_batched_greedy_equals_single_stream_tiny(tiny, layout):
 
 
 @pytest.mark.realmodel
+@pytest.mark.slow
 def test_batched_greedy_equals_single_stream_real_model(smol):
     prompts = varied_prompts(smol, 20)
     reqs = [Request(i, p, SamplingParams(max_tokens=12)) for i, p in enumerate(prompts)]
@@ -187,6 +189,7 @@ LAYOUTS["cpu-group-loop"] = ForwardOptions.for_backend("cpu", max_blocked_scores
 
 
 @pytest.mark.parametrize("layout", ["cpu", "metal", "cuda", "cpu-group-loop"])
+@pytest.mark.slow
 def test_shared_prefixes_equal_single_stream(tiny, layout):
     prompts, sampled = cascade_prompts(tiny)
     reqs = [Request(i, p, SamplingParams(max_tokens=6 + i % 7)) for i, p in enumerate(prompts)]

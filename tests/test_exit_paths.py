@@ -59,6 +59,7 @@ def job(tmp_path):
     return src, toml
 
 
+@pytest.mark.slow
 def test_signals_around_first_commit_never_hang(tmp_path, job):
     src, toml = job
     rng = random.Random(12)
@@ -85,6 +86,7 @@ def test_signals_around_first_commit_never_hang(tmp_path, job):
     assert codes.count(130) >= NUM_SIGNAL_RUNS // 2  # most were really interrupted, not finished first
 
 
+@pytest.mark.slow
 def test_sighup_stops_cleanly_and_resumes(tmp_path, job):
     src, toml = job
     out = tmp_path / "o"
@@ -119,6 +121,7 @@ def _file_size_limit(limit: int):
     return preexec
 
 
+@pytest.mark.slow
 def test_error_exits_never_hang(tmp_path, job):
     src, toml = job
     worst = 0.0

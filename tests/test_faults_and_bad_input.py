@@ -185,6 +185,7 @@ def test_edited_input_is_refused(tmp_path):
     assert res.exit_code == 1 and "input.sha256" in res.output and "--restart" in res.output
 
 
+@pytest.mark.slow
 def test_million_rows_constant_memory(tmp_path):
     n = 1_000_000
     proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "memory_job.py"), str(n), str(tmp_path)],

@@ -96,6 +96,7 @@ def test_n_samples_are_reproducible_records(tmp_path):
 
 
 @pytest.mark.realmodel
+@pytest.mark.slow
 def test_chat_dataset_loads_in_mlx_lm_trainer(tmp_path, smol):
     out, data = tmp_path / "sft", tmp_path / "data"
     res = cli("run", "--job", ROOT / "jobs" / "sft_dataset.toml", "-o", out, "--max-tokens", "24", "-q")

@@ -8,7 +8,7 @@ from conftest import cli
 
 from mlxbatch import models
 
-pytestmark = pytest.mark.realmodel
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]  # the model's pull and conversion alone take a minute
 
 CORPUS = [
     "The capital of France is",
@@ -96,6 +96,7 @@ def test_capital_of_france_puts_paris_among_the_first_choices(gemma):
     assert " Paris" in top
 
 
+@pytest.mark.slow
 def test_cli_run_raw_matches_mlx_lm_greedy(gemma, tmp_path):
     """mlxbatch's engine on gemma3 (sliding-window layers) against mlx-lm's own generate."""
     from mlx_lm import generate
@@ -119,6 +120,7 @@ def test_models_info_names_k_quants():
     assert "converted Q4_K: dequantized (gguf numpy)" in r.output
 
 
+@pytest.mark.slow
 def test_cli_run_past_the_sliding_window_matches_mlx_lm(gemma, tmp_path):
     """A prompt longer than Gemma 3's 512-token window: local layers must forget the start."""
     from mlx_lm import generate

@@ -91,6 +91,7 @@ def test_kv_held_for_64_rows_shrinks(tiny, bits, least):
     assert ratio >= least, ratio
 
 
+@pytest.mark.slow
 def test_budget_admits_more_rows_when_packed(tiny):
     reqs = [Request(i, p, SamplingParams(max_tokens=64)) for i, p in enumerate(varied_prompts(tiny, 48))]
     budget = 2.5e-3  # GB: ~6 of these rows in float32 (2 KB a token, ~180 columns a row)

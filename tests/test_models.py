@@ -68,6 +68,7 @@ def test_default_model_via_cli_answers_paris(tmp_path, smol):
 
 
 @pytest.mark.realmodel
+@pytest.mark.slow
 def test_second_load_does_not_convert_and_conversion_is_deterministic(smol, tmp_path):
     folder = models.pull("smollm2-135m")
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
@@ -116,6 +117,7 @@ def test_models_cli_list_and_info():
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+@pytest.mark.slow
 def test_gguf_round_trip_float_tensors(tmp_path, tiny, dtype):
     """random:tiny written as a llama.cpp-style GGUF (F16/F32), imported back: same logits."""
     from mlx.utils import tree_flatten

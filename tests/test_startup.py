@@ -145,6 +145,7 @@ def _essence(records: list) -> list:
     return sorted((r["id"], r.get("output"), r.get("usage"), r.get("finish_reason")) for r in records)
 
 
+@pytest.mark.slow
 def test_run_imports_neither_transformers_nor_torch(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", read_jsonl(ROOT / "sample_data" / "chat.jsonl")[:3] + MULTI_TURN)
     records, blocked, err = _run_blocked(tmp_path, "ours", "random:tiny", src)

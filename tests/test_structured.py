@@ -192,6 +192,7 @@ def test_changed_schema_refuses_resume(tmp_path):
 
 # ------------------------------------------------------------ the embedded model
 @pytest.mark.realmodel
+@pytest.mark.slow
 def test_extraction_with_the_embedded_model_validates(tmp_path):
     rows = write_jsonl(tmp_path / "in.jsonl", [
         {"id": f"p{i}", "prompt": "Extract the person (name, age), the city, the sentiment and the topics as "

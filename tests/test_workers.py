@@ -75,6 +75,7 @@ def _assert_each_id_once(folder: Path, num_rows: int = NUM_ROWS) -> None:
 
 
 # ------------------------------------------------------------ same outputs, one record per row
+@pytest.mark.slow
 def test_two_workers_write_one_record_per_row_with_the_one_process_outputs(rows400, tmp_path, capfd):
     sampling = SamplingParams(max_tokens=8, logprobs=2)
     one = run_job(JobSpec(input=rows400, output=tmp_path / "one", model="random:tiny", sampling=sampling).validate())
@@ -101,6 +102,7 @@ def test_two_workers_write_one_record_per_row_with_the_one_process_outputs(rows4
     assert [w.state for w in two.workers] == ["running", "running"] and sum(w.done for w in two.workers) == NUM_ROWS
 
 
+@pytest.mark.slow
 def test_rows_on_one_document_run_on_one_worker_and_the_load_is_shared(tmp_path):
     from mlxbatch.cluster.pool import WorkerPool
 
@@ -125,6 +127,7 @@ def test_rows_on_one_document_run_on_one_worker_and_the_load_is_shared(tmp_path)
     assert len(shares) == 2 and shares[0] > 0.3  # and the load is still shared
 
 
+@pytest.mark.slow
 def test_constrained_rows_and_bad_rows_through_workers(tmp_path):
     """Workers build grammar guides from the constraint; bad rows stay error records made by the driver."""
     phone = "[0-9]{3}-[0-9]{4}"
@@ -217,6 +220,7 @@ def _committed(folder: Path) -> bool:
     return journal.exists() and journal.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_worker_mid_job_still_ends_with_every_id_once(rows400, fast_commits, tmp_path):
     out = tmp_path / "out"
     driver = _Driver(_args(rows400, out, fast_commits))
@@ -232,6 +236,7 @@ def test_kill_9_of_a_worker_mid_job_still_ends_with_every_id_once(rows400, fast_
     assert _ray_left_behind(driver) == []
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_driver_mid_job_then_the_same_command_completes(rows400, fast_commits, tmp_path):
     out = tmp_path / "out"
     first = _Driver(_args(rows400, out, fast_commits))
@@ -255,6 +260,7 @@ def _kill_leftovers(driver: _Driver) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_sigint_stops_commits_and_leaves_no_ray_behind(rows400, fast_commits, tmp_path):
     out = tmp_path / "out"
     driver = _Driver(_args(rows400, out, fast_commits))
@@ -266,6 +272,7 @@ def test_sigint_stops_commits_and_leaves_no_ray_behind(rows400, fast_commits, tm
 
 
 # ------------------------------------------------------------ every worker lost
+@pytest.mark.slow
 def test_when_every_worker_is_lost_the_job_commits_and_a_rerun_completes(rows400, tmp_path, capfd):
     from mlxbatch.cluster.pool import WorkerPool
 
@@ -282,6 +289,7 @@ def test_when_every_worker_is_lost_the_job_commits_and_a_rerun_completes(rows400
 
 
 # ------------------------------------------------------------ driver overhead
+@pytest.mark.slow
 def test_driver_moves_over_5000_rows_a_second_with_a_stand_in_engine(tmp_path):
     from mlxbatch.cluster.pool import pool_factory
 
