@@ -200,13 +200,14 @@ def write_parquet(folder: Path) -> Path | None:
     key (keys whose values have no common type become JSON text columns, marked
     in the field metadata), the second writes row groups. Replaced atomically.
     """
-    if journal.read(folder).ends[RESULTS] == 0:
+    view = journal.read(folder)  # checked once: every pass reads the same committed records
+    if view.ends[RESULTS] == 0:
         return None
     dest = folder / PARQUET
-    types = _column_types(folder)
+    types = _column_types(view)
     while True:
         try:
-            _write_groups(folder, dest, types)
+            _write_groups(view, dest, types)
             return dest
         except _BadColumn as bad:  # a value the inferred type cannot hold: store that column as JSON
             types[bad.key] = _JSON
@@ -217,9 +218,9 @@ class _BadColumn(Exception):
         self.key = key
 
 
-def _chunks(folder: Path):
+def _chunks(view: journal.Journal):
     chunk = []
-    for line in journal.read(folder).lines(RESULTS):
+    for line in view.lines(RESULTS):
         chunk.append(orjson.loads(line))
         if len(chunk) == _PARQUET_ROWS:
             yield chunk
@@ -228,12 +229,12 @@ def _chunks(folder: Path):
         yield chunk
 
 
-def _column_types(folder: Path) -> dict:
+def _column_types(view: journal.Journal) -> dict:
     """key -> one Arrow type unifying every value seen (or _JSON), in first-seen key order."""
     import pyarrow as pa
 
     types: dict = {}
-    for chunk in _chunks(folder):
+    for chunk in _chunks(view):
         keys = dict.fromkeys(k for rec in chunk for k in rec)
         for key in keys:
             if types.get(key) == _JSON:
@@ -255,14 +256,14 @@ def _schema(types: dict):
                       for k, t in types.items()])
 
 
-def _write_groups(folder: Path, dest: Path, types: dict) -> None:
+def _write_groups(view: journal.Journal, dest: Path, types: dict) -> None:
     import pyarrow.parquet as pq
 
     schema = _schema(types)
     tmp, handle = create_temp(dest)
     try:
         with pq.ParquetWriter(handle, schema) as writer:
-            for chunk in _chunks(folder):
+            for chunk in _chunks(view):
                 writer.write_table(_table(chunk, types, schema), row_group_size=_PARQUET_ROWS)
         publish(tmp, dest, handle)
     except OSError as exc:
