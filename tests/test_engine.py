@@ -132,7 +132,7 @@ def test_fused_forward_matches_mlx_lm_layers(quantize):
     from mlxbatch import models
     from mlxbatch.engine.attention import AttendOptions
     from mlxbatch.engine.fused import fuse, hidden_states
-    from mlxbatch.engine.kvcache import BatchCache
+    from mlxbatch.engine.kvcache import BatchCache, CacheFormat
 
     lm = models.load("random:tiny", dtype="fp32")
     if quantize:
@@ -140,7 +140,7 @@ def test_fused_forward_matches_mlx_lm_layers(quantize):
     tokens = mx.array([[5, 9, 200, 17, 3000, 42], [7, 7, 7, 1, 2, 3]])
 
     def run(fn):
-        cache = BatchCache(len(lm.model.layers), 2)
+        cache = BatchCache(CacheFormat.plain(len(lm.model.layers)), 2)
         cache.layout.begin(mx.ones(tokens.shape, dtype=mx.bool_))
         return fn(cache)
 

@@ -41,26 +41,33 @@ def additive(mask: mx.array, dtype) -> mx.array:
 
 
 def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions, layer: int) -> mx.array:
-    """Attention output [B, L, heads * dim] of queries q [B, H, L, D] over the row's own
-    keys/values k, v [B, Hkv, S, D] (mask: bool or additive, [B, 1, L|1, S]) and, for rows
-    in a group, the group's stored prefix (`groups`: a GroupPlan, or None)."""
+    """`attend_heads` with the heads last: [B, L, heads * dim] (what an o-projection reads)."""
+    return _heads_last(attend_heads(q, k, v, scale=scale, mask=mask, groups=groups, opts=opts, layer=layer))
+
+
+def attend_heads(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions, layer: int,
+                 sinks: mx.array | None = None) -> mx.array:
+    """Attention output [B, H, L, D] of queries q [B, H, L, D] over the row's own keys/values
+    k, v [B, Hkv, S, D] (mask: bool or additive, [B, 1, L|1, S]) and, for rows in a group, the
+    group's stored prefix (`groups`: a GroupPlan, or None); `sinks` [H]: per-head logits that
+    join every softmax's denominator (gpt-oss)."""
     B, H, L, D = q.shape
     if groups is None:
         if is_packed(k):
-            return _packed(q, k, v, scale, mask, opts)
+            return _packed(q, k, v, scale, mask, opts, sinks)
         if L == 1 and opts.one_query_matmul:
-            return _one_query(q, k, v, scale, mask, opts).reshape(B, 1, H * D)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        return _heads_last(o)
+            return _one_query(q, k, v, scale, mask, opts, sinks).reshape(B, H, 1, -1)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+    extra = [] if sinks is None else [sinks]
     # Dozens of small operations per layer: replayed from one compiled call where shapes hold.
     if L == 1 and B * H * groups.total_length <= opts.max_blocked_scores:
         fn = groups.function(scale, opts, compiled=opts.compiled, blocked=True)
-        return fn(q, k, v, mask, groups.joined(layer), groups.block_mask)
+        return fn(q, k, v, mask, groups.joined(layer), groups.block_mask, extra)
     fn = groups.function(scale, opts, compiled=opts.compiled and L == 1, blocked=False)
-    return fn(q, k, v, mask, [p.kv[layer] for p in groups.prefixes], groups.rows, groups.perm)
+    return fn(q, k, v, mask, [p.kv[layer] for p in groups.prefixes], groups.rows, groups.perm, extra)
 
 
-def blocked_cascade(q, k, v, mask, kv, block_mask, *, scale: float, opts: AttendOptions) -> mx.array:
+def blocked_cascade(q, k, v, mask, kv, block_mask, sinks, *, scale: float, opts: AttendOptions) -> mx.array:
     """One query per row; every group's prefix in one matmul: the stored prefixes side by side
     (`kv`), each row masked to its own group's columns (`block_mask`: [] when the one group is
     every row, else [[1, B, 1, P]] additive). Reads each prefix once with a few operations,
@@ -81,10 +88,10 @@ def blocked_cascade(q, k, v, mask, kv, block_mask, *, scale: float, opts: Attend
     o = weighted(p.reshape(1, Hkv, B * G, P), pv, opts.kv)
     back = lambda x: x.reshape(Hkv, B, G, -1).transpose(1, 0, 2, 3)  # noqa: E731
     shared = (back(o), back(m), back(mx.sum(p, axis=-1, keepdims=True)))
-    return _merge(own, shared).astype(q.dtype).reshape(B, 1, H * D)
+    return _merge(own, shared, sink=_sink(sinks, Hkv, 1)).astype(q.dtype).reshape(B, H, 1, D)
 
 
-def cascade(q, k, v, mask, kvs, rows, perm, *, scale: float, opts: AttendOptions, has_rows: tuple,
+def cascade(q, k, v, mask, kvs, rows, perm, sinks, *, scale: float, opts: AttendOptions, has_rows: tuple,
             num_ungrouped: int) -> mx.array:
     """Own columns and shared prefixes, merged; `kvs` per group, `rows` for groups that are
     not the whole batch in order (`has_rows`), `perm` ([] or [batch row -> part position])."""
@@ -94,7 +101,8 @@ def cascade(q, k, v, mask, kvs, rows, perm, *, scale: float, opts: AttendOptions
     row_iter = iter(rows)
     picked = [next(row_iter) if r else None for r in has_rows]
     shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts, many=L > 1)
-    return _heads_last(_merge(own, shared).astype(q.dtype).reshape(B, H, L, D))
+    merged = _merge(own, shared, sink=_sink(sinks, first(k).shape[1], L))
+    return merged.astype(q.dtype).reshape(B, H, L, D)
 
 
 def _grouped(q, Hkv: int, mask):
@@ -108,14 +116,18 @@ def _grouped(q, Hkv: int, mask):
     return q.reshape(B, Hkv, M, D), mask
 
 
-def _packed(q, k, v, scale: float, mask, opts: AttendOptions) -> mx.array:
+def _packed(q, k, v, scale: float, mask, opts: AttendOptions, sinks=None) -> mx.array:
     """Attention over packed keys/values (no shared prefix): the products read the packed cache
     (kvquant.scores / weighted), scores and softmax in float32."""
     B, H, L, D = q.shape
-    qg, mask = _grouped(q, first(k).shape[1], mask)
+    Hkv = first(k).shape[1]
+    qg, mask = _grouped(q, Hkv, mask)
+    if sinks is not None:
+        o = _merge(_part(qg, k, v, scale, mask, opts, many=L > 1), sink=_sink([sinks], Hkv, L))
+        return o.astype(q.dtype).reshape(B, H, L, -1)
     s = scores(qg, k, opts.kv, L > 1).astype(mx.float32) * scale + mask
     o = weighted(mx.softmax(s, axis=-1), v, opts.kv, L > 1)
-    return _heads_last(o.astype(q.dtype).reshape(B, H, L, D))
+    return o.astype(q.dtype).reshape(B, H, L, -1)
 
 
 def _heads_last(o: mx.array) -> mx.array:
@@ -123,12 +135,14 @@ def _heads_last(o: mx.array) -> mx.array:
     return o.reshape(B, 1, H * D) if L == 1 else o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
 
 
-def _one_query(q, k, v, scale, mask, opts):
+def _one_query(q, k, v, scale, mask, opts, sinks=None):
     """One query per row as two batched matmuls, query heads grouped under their KV head."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, D)
     mask = mask if mask.dtype != mx.bool_ else additive(mask, q.dtype)
+    if sinks is not None:
+        return _merge(_part(qg, k, v, scale, mask, opts), sink=_sink([sinks], Hkv, 1)).astype(q.dtype)
     scores = (qg @ k.swapaxes(-1, -2)) * scale + mask
     return mx.softmax(scores, axis=-1, precise=True) @ v
 
@@ -173,12 +187,29 @@ def _unstack(x: mx.array, n: int) -> mx.array:
     return x.reshape(Hkv, n, nM // n, d).transpose(1, 0, 2, 3)
 
 
-def _merge(a, b) -> mx.array:
-    """Combine two softmax parts by their log-sum-exp."""
-    (oa, ma, sa), (ob, mb, sb) = a, b
-    m = mx.maximum(ma, mb)
-    wa, wb = mx.exp(ma - m), mx.exp(mb - m)
-    return (oa * wa + ob * wb) / (sa * wa + sb * wb)
+def _merge(a, b=None, sink=None) -> mx.array:
+    """Combine softmax parts by their log-sum-exp; `sink`: logits [1, Hkv, M, 1] that join
+    the denominator only (attention sinks)."""
+    (oa, ma, sa) = a
+    m = ma if b is None else mx.maximum(ma, b[1])
+    m = m if sink is None else mx.maximum(m, sink)
+    wa = mx.exp(ma - m)
+    num, den = oa * wa, sa * wa
+    if b is not None:
+        (ob, mb, sb), wb = b, mx.exp(b[1] - m)
+        num, den = num + ob * wb, den + sb * wb
+    if sink is not None:
+        den = den + mx.exp(sink - m)
+    return num / den
+
+
+def _sink(sinks: list, Hkv: int, L: int):
+    """None without sinks, else the per-head sink logits laid out as the grouped queries' rows
+    (query head in group, then position): [1, Hkv, G * L, 1]."""
+    if not sinks:
+        return None
+    s = sinks[0].astype(mx.float32).reshape(1, Hkv, -1, 1)
+    return mx.repeat(s, L, axis=2) if L > 1 else s
 
 
 def cascade_function(plan, scale: float, opts: AttendOptions, *, compiled: bool, blocked: bool):

@@ -382,8 +382,7 @@ class Engine:
             cache = self.runner.new_cache(len(reqs))
             cache.layout.share(prefix)
             return cache
-        return BatchCache.from_prefix(prefix.kv, len(reqs), p, full_buffer=self.runner.options.full_buffer,
-                                      kv=self.runner.options.kv)
+        return BatchCache.from_prefix(self.runner.cache_format, prefix.kv, len(reqs), p)
 
     def _should_share(self, rows: int, p: int) -> bool:
         opts = self.runner.options
@@ -461,13 +460,13 @@ class Engine:
             self.stats.prefix_hits += 1
             return found
         kv = found.kv if found else None
-        full, packed = self.runner.options.full_buffer, self.runner.options.kv
+        packed = self.runner.options.kv
         head, n = self.prefix_cache.shared_head(key) if packed is None else (None, 0)  # packed KV: no head slicing
         n -= 1 if adapter and n else 0  # the key's adapter tag token is not a position of the KV
         if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
             kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n
         self.stats.prefix_hit_tokens += have
-        cache = BatchCache.from_prefix(kv, 1, have, full_buffer=full, kv=packed) if have else self.runner.new_cache(1)
+        cache = BatchCache.from_prefix(self.runner.cache_format, kv, 1, have) if have else self.runner.new_cache(1)
         rest = mx.array([prefix[have:]], dtype=mx.int32)
         for start in range(0, rest.shape[1], self.prefill_chunk):
             chunk = rest[:, start : start + self.prefill_chunk]

@@ -72,9 +72,10 @@ def _out_dims(layer) -> int:
 
 
 def is_eligible(model: nn.Module) -> bool:
-    if getattr(model, "model_type", None) != "llama" or not hasattr(model, "model"):
-        return False
-    return not any(getattr(layer, "use_sliding", False) for layer in model.model.layers)
+    """The registry's fused families, without sliding-window layers (this layer loop has no window)."""
+    from mlxbatch.engine.arch import family, layer_windows
+
+    return family(model).fused and hasattr(model, "model") and not any(layer_windows(model))
 
 
 def _point_at_slices(layers: list, fused: FusedProjection) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxbatch.engine.attention import cascade_function
+from mlxbatch.engine.attention import AttendOptions, attend_heads, cascade_function
 from mlxbatch.engine.kvquant import KVQuant, each, each2, first, nbytes, zeros_like_cols
 
 _GROW = 256  # columns added at a time to long rows, as mlx-lm's caches do
@@ -121,12 +121,14 @@ def _inverse(order: list[int]) -> mx.array:
 class Layout:
     """Column bookkeeping shared by every layer of one batch, and its rows' shared prefixes."""
 
-    def __init__(self, batch: int, *, full_buffer: bool = False, kv: KVQuant | None = None):
-        self.kv = kv  # the packed format of every layer's keys/values, or None (the model dtype)
+    def __init__(self, batch: int, fmt: "CacheFormat"):
+        self.format = fmt
+        self.kv = fmt.kv  # the packed format of every layer's keys/values, or None (the model dtype)
+        self.attend = fmt.attend  # how mlx-lm's layers attend through LayerCache.attend
         self.valid = mx.zeros((batch, 0), dtype=mx.bool_)
         self.offset = mx.zeros((batch,), dtype=mx.int32)  # RoPE position of the next column
         self.idx = 0  # columns in use
-        self.full_buffer = full_buffer
+        self.full_buffer = fmt.full_buffer
         self.groups: list[SharedPrefix] = []
         self.row_group = [-1] * batch  # index into groups, -1: none
         self._plan: GroupPlan | None | bool = False  # False: not built yet
@@ -185,10 +187,13 @@ class Layout:
 
 
 class LayerCache:
-    """mlx-lm's cache protocol for one layer (offset, update_and_fetch, make_mask)."""
+    """mlx-lm's cache protocol for one layer (offset, update_and_fetch, make_mask), and the
+    attention of mlx-lm's layers over it (`attend`, reached through attention.install)."""
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout, index: int = 0, window: int | None = None):
         self.layout = layout
+        self.index = index  # the layer's position: its slice of each shared prefix
+        self.window = window  # a sliding-window layer's span (the model's own make_cache says), else None
         self.keys = None
         self.values = None
 
@@ -209,8 +214,17 @@ class LayerCache:
     def offset(self):
         return self.layout.offset
 
+    def attend(self, queries, keys, values, *, scale: float, mask, sinks=None) -> mx.array:
+        """mlx-lm's scaled_dot_product_attention over this cache: [B, H, L, D]."""
+        return attend_heads(queries, keys, values, scale=scale, mask=mask, groups=self.layout.plan,
+                            opts=self.layout.attend, layer=self.index, sinks=sinks)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         start, n = self.layout.idx, keys.shape[2]
+        if n > 1:  # padding columns hold zeros: a pad's keys/values may be inf or NaN (a position
+            # below 0 where an architecture scales by position), and 0 x NaN would reach real rows
+            real = self.layout.valid[:, None, start : start + n, None]
+            keys, values = mx.where(real, keys, 0).astype(keys.dtype), mx.where(real, values, 0).astype(values.dtype)
         if self.layout.kv is not None:
             keys, values = self.layout.kv.pack(keys, values)
         if self.keys is None or start + n > first(self.keys).shape[2]:
@@ -231,31 +245,56 @@ class LayerCache:
                 each2(lambda a, b: a.__setitem__((..., slice(0, used), slice(None)), b[..., :used, :]), new, old)
         self.keys, self.values = new_k, new_v
 
-    def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        """[B, 1, N, capacity]: real columns each row may see, causally; a padding query
-        also sees itself so its softmax stays finite (its output is never used)."""
-        total = self.layout.idx + N
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        """[B, 1, N, capacity]: real columns each row may see, causally and, for a sliding-window
+        layer, within `window_size` positions; a padding query also sees itself so its softmax
+        stays finite (its output is never used)."""
+        lay = self.layout
+        total = lay.idx + N
         cap = total
-        if self.layout.full_buffer:
+        if lay.full_buffer:
             cap = max(capacity(total, fine=False), first(self.keys).shape[2] if self.keys is not None else 0)
-        valid = _pad_right(self.layout.valid[:, :total], cap - total)[:, None, None, :]
+        valid = _pad_right(lay.valid[:, :total], cap - total)
+        if window_size is not None:
+            pos = _positions(valid, lay.offset + N)  # [B, cap]: each column's token position
+            near = pos[:, lay.idx : total, None] - pos[:, None, :] < window_size  # [B, N, cap]
+            valid = (valid[:, None, :] & near)[:, None]
+        else:
+            valid = valid[:, None, None, :]
+        if lay.format.mask_per_kv_head:  # the layer reshapes queries [B, Hkv, repeats, L, D]
+            valid = valid[:, None]
         if N == 1:
             return valid
-        q = mx.arange(self.layout.idx, total)[:, None]
+        q = mx.arange(lay.idx, total)[:, None]
         k = mx.arange(cap)[None]
-        return (valid & (q >= k)[None, None]) | (q == k)[None, None]
+        return (valid & (q >= k)) | (q == k)
 
     def used(self):
         idx = self.layout.idx
         return _cols(self.keys, 0, idx), _cols(self.values, 0, idx)
 
 
+@dataclass(frozen=True)
+class CacheFormat:
+    """How one model's batch caches are laid out; decided once by the model runner."""
+
+    windows: tuple  # per layer: its sliding window, or None (attends to every earlier position)
+    full_buffer: bool = False  # attention over the bucketed buffer (see `capacity`)
+    kv: KVQuant | None = None
+    attend: AttendOptions = AttendOptions()
+    mask_per_kv_head: bool = False  # the architecture's attention wants masks [B, 1, 1, L, S]
+
+    @classmethod
+    def plain(cls, num_layers: int, **kw) -> "CacheFormat":
+        return cls((None,) * num_layers, **kw)
+
+
 class BatchCache:
     """All layers' caches of one batch plus their shared layout."""
 
-    def __init__(self, num_layers: int, batch: int, *, full_buffer: bool = False, kv: KVQuant | None = None):
-        self.layout = Layout(batch, full_buffer=full_buffer, kv=kv)
-        self.layers = [LayerCache(self.layout) for _ in range(num_layers)]
+    def __init__(self, fmt: CacheFormat, batch: int):
+        self.layout = Layout(batch, fmt)
+        self.layers = [LayerCache(self.layout, i, w) for i, w in enumerate(fmt.windows)]
 
     @property
     def batch(self) -> int:
@@ -278,10 +317,9 @@ class BatchCache:
         return sum(nbytes(c.keys) + nbytes(c.values) for c in self.layers if c.keys is not None)
 
     @classmethod
-    def from_prefix(cls, prefix_kv: list, batch: int, length: int, *, full_buffer: bool = False,
-                    kv: KVQuant | None = None) -> "BatchCache":
+    def from_prefix(cls, fmt: CacheFormat, prefix_kv: list, batch: int, length: int) -> "BatchCache":
         """A batch whose rows all start with a copy of the same computed prefix."""
-        bc = cls(len(prefix_kv), batch, full_buffer=full_buffer, kv=kv)
+        bc = cls(fmt, batch)
         if length == 0:
             return bc
         # A real buffer, so later writes do not touch the cached prefix.
@@ -327,6 +365,13 @@ class BatchCache:
             c.keys = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), ak, bk)
             c.values = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), av, bv)
         lay.idx = cols
+
+
+def _positions(valid: mx.array, after: mx.array) -> mx.array:
+    """[B, S] token position of each column: a row's real columns hold consecutive positions
+    ending at `after` - 1 (gaps and padding skipped; values there are never read)."""
+    count = mx.cumsum(valid.astype(mx.int32)[:, ::-1], axis=1)[:, ::-1]  # real columns from here to the end
+    return after[:, None] - count
 
 
 def _pad_right(valid: mx.array, n: int) -> mx.array:

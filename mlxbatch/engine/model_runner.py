@@ -18,14 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxbatch.engine import arch
 from mlxbatch.engine.attention import AttendOptions
 from mlxbatch.engine.fused import DecodePlan, fuse, hidden_states
-from mlxbatch.engine.kvcache import BatchCache
-from mlxbatch.engine.kvquant import KVQuant
+from mlxbatch.engine.kvcache import BatchCache, CacheFormat
+from mlxbatch.engine.kvquant import KVQuant, first, nbytes
 from mlxbatch.engine.lora import Bank
-
-# Architectures whose mlx-lm Model is `model.model(...)` then lm_head / tied embedding.
-_FAST_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
 
 
 @dataclass(frozen=True)
@@ -132,16 +130,26 @@ class ModelRunner:
         if adapters:  # before fusing: fused q/k/v and gate/up take the wrapped layers' updates along
             self.bank = Bank(model, adapters, mode=self.options.adapter_mode)
             self.bank.attach(fuse_single=self.options.fuse_adapter)
-        self.is_fast_head = getattr(model, "model_type", None) in _FAST_HEAD_TYPES and hasattr(model, "model")
+        self.family = arch.family(model)
+        windows = arch.layer_windows(model)  # refuses cache kinds the engine cannot batch
+        self.is_fast_head = self.family.fast_head and hasattr(model, "model")
+        self.routes_attention = arch.routes_attention(model)
+        if self.routes_attention:
+            arch.install(model)
         self.fused = fuse(model) if self.options.fused else None
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         self.is_small = self.weight_bytes < self.options.small_model_bytes
         self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
                                       use_addmm=self.options.use_addmm, dense_q=self.options.dense_q)
                      if self.options.compiled_decode else None)
-        # Cascade attention lives in our own layer loop; other architectures run mlx-lm's layers.
-        self.can_share_prefix = self.options.shared_prefix and self.fused is not None
-        self.num_layers = len(model.layers)
+        # Cascade attention: in our own layer loop, or through mlx-lm's attention call; a sliding
+        # window would need the prefix masked per row (not done: such prefixes are copied per row).
+        self.can_share_prefix = (self.options.shared_prefix and (self.fused is not None or self.routes_attention)
+                                 and not any(windows))
+        self.num_layers = len(windows)
+        self.cache_format = CacheFormat(windows, full_buffer=self.options.full_buffer, kv=self.options.kv,
+                                        attend=self.options.attend, mask_per_kv_head=self.family.mask_per_kv_head)
+        self._kv_bytes = self._measure_kv_bytes()
 
     def describe(self) -> str:
         """One line for the log: what runs and why."""
@@ -167,18 +175,18 @@ class ModelRunner:
             self.bank.begin(adapters if adapters is not None else [0] * tokens.shape[0])
 
     def new_cache(self, batch: int) -> BatchCache:
-        return BatchCache(self.num_layers, batch, full_buffer=self.options.full_buffer, kv=self.options.kv)
+        return BatchCache(self.cache_format, batch)
 
     def kv_bytes_per_token(self) -> int:
-        args = self.model.args
-        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
-        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        # Keys/values take the activations' dtype: that of the model's floating parameters.
-        itemsize = next(v.dtype.size for _, v in tree_flatten(self.model.parameters())
-                        if mx.issubdtype(v.dtype, mx.floating))
-        kv = self.options.kv
-        per_head = kv.bytes_per_token(head_dim, itemsize) if kv else 2 * head_dim * itemsize
-        return int(self.num_layers * heads * per_head)
+        return self._kv_bytes
+
+    def _measure_kv_bytes(self) -> int:
+        """Bytes one token adds to a row's cache, read off a one-token forward: every architecture's
+        layers say for themselves what they store (heads, head sizes, MLA's compressed keys, packing)."""
+        cache = self.new_cache(1)
+        cache.layout.begin(mx.ones((1, 1), dtype=mx.bool_))
+        self.forward_hidden(mx.zeros((1, 1), dtype=mx.int32), cache)
+        return int(sum((nbytes(c.keys) + nbytes(c.values)) // first(c.keys).shape[2] for c in cache.layers if c.keys is not None))
 
     def _hidden(self, tokens: mx.array, cache: BatchCache) -> mx.array:
         if self.fused is not None:

@@ -1,0 +1,126 @@
+"""The architecture registry: what each mlx-lm model family gets from the engine.
+
+Owns: the one table of families (keyed by the mlx-lm module that defines the model
+class, so Mistral, which mlx-lm loads as llama, is llama here too), each layer's
+cache kind read from the model's own `make_cache()` (plain, sliding window, or
+refused by name), whether the model's attention goes through mlx-lm's
+`scaled_dot_product_attention` (then the engine attends for it: shared prefixes
+stored once, packed KV, sinks), and the check made from a config before any
+weights load. Does not own: running the model (model_runner.py) or the cache (kvcache.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import mlx.nn as nn
+
+from mlxbatch.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one architecture family gets beyond the generic path (every family has that)."""
+
+    fast_head: bool = False  # logits = head(model.model(x)[:, -1]): prefill projects one position
+    fused: bool = False  # fused projections and the compiled one-token layer (engine/fused.py)
+    mask_per_kv_head: bool = False  # its attention reshapes queries [B, Hkv, repeats, L, D]
+
+
+_HEAD = Family(fast_head=True)
+# Keyed by module name under mlx_lm.models. Families not listed run the generic path.
+FAMILIES = {
+    "llama": Family(fast_head=True, fused=True),
+    **{name: _HEAD for name in ("mistral", "qwen2", "qwen3", "qwen3_moe", "smollm3", "olmo2", "olmo3", "mixtral",
+                                "phi3", "exaone4", "glm4", "gemma3_text", "ministral3", "deepseek_v3", "gpt_oss",
+                                "ernie4_5", "starcoder2")},
+    "gemma2": Family(mask_per_kv_head=True),
+}
+
+# What mlx-lm calls its cache classes, by what the engine makes of them.
+_PLAIN, _WINDOWED = {"KVCache"}, {"RotatingKVCache"}
+_STATE = {"ArraysCache", "MambaCache"}
+
+
+def module_name(model: nn.Module) -> str:
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def family(model: nn.Module) -> Family:
+    return FAMILIES.get(module_name(model), Family())
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None) or module_name(model)
+
+
+def layer_windows(model: nn.Module) -> tuple:
+    """Per layer of the model's cache: its sliding window, or None for a plain layer. A kind
+    the engine cannot batch is a usage error naming the model type and the kind."""
+    if not hasattr(model, "make_cache"):
+        return (None,) * len(model.layers)
+    out = []
+    for c in model.make_cache():
+        kind = type(c).__name__
+        if kind in _PLAIN:
+            out.append(None)
+        elif kind in _WINDOWED and not getattr(c, "keep", 0):
+            out.append(c.max_size)
+        else:
+            raise UsageError(_refusal(model_type(model), kind))
+    return tuple(out)
+
+
+def _refusal(name: str, kind: str) -> str:
+    why = ("its layers keep a recurrent or convolution state" if kind in _STATE
+           else "its layers keep a cache the engine cannot batch")
+    return (f"model type {name!r} is not supported yet: {why} ({kind}); "
+            "docs/models.md lists the supported architectures")
+
+
+def routes_attention(model: nn.Module) -> bool:
+    """True when every attention of the model calls mlx-lm's `scaled_dot_product_attention`
+    (the engine can then attend for it): the modules of its classes import it and none of them
+    computes attention itself."""
+    from mlx_lm.models import base
+
+    mods = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
+    uses = [m for m in mods if getattr(m, "scaled_dot_product_attention", None) in (base.scaled_dot_product_attention, _dispatch)]
+    return bool(uses) and not family(model).mask_per_kv_head
+
+
+def install(model: nn.Module) -> None:
+    """Point the model's modules at `_dispatch`: a LayerCache attends itself, any other cache (a
+    peer's, in `bench`) gets mlx-lm's own function."""
+    from mlx_lm.models import base
+
+    for _, m in model.named_modules():
+        mod = sys.modules[type(m).__module__]
+        if getattr(mod, "scaled_dot_product_attention", None) is base.scaled_dot_product_attention:
+            mod.scaled_dot_product_attention = _dispatch
+
+
+def _dispatch(queries, keys, values, cache, scale: float, mask, sinks=None):
+    attend = getattr(cache, "attend", None)
+    if attend is not None:
+        return attend(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+    from mlx_lm.models import base
+
+    return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def check_config(config: dict) -> None:
+    """Refuse an architecture the engine cannot run before its weights load: the model is
+    built from its config with lazy (never computed) weights and its cache kinds are read."""
+    from mlxbatch.models import weights as weights_io
+
+    try:
+        model_cls, args_cls = weights_io.model_classes(config)
+    except ValueError as exc:
+        raise UsageError(f"model type {config.get('model_type')!r} is not supported: {exc}") from None
+    try:
+        model = model_cls(args_cls.from_dict(config))
+    except Exception:  # noqa: BLE001 - an odd config: the loader reports it with its own words
+        return
+    layer_windows(model)
