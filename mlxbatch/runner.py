@@ -305,24 +305,24 @@ def attach_adapters(lm: models.LoadedModel, opened: list) -> None:
     lm.adapters = opened
 
 
-def _check_kv_format(spec: JobSpec) -> None:
-    """A KV group size must divide the model's head dimension: checked from its config, before the
-    weights load (a usage error, not a failure minutes later)."""
-    if not spec.kv_bits:
-        return
+def _check_model(spec: JobSpec) -> None:
+    """The architecture and the KV format, checked from the model's config before the weights load
+    (a usage error, not a failure minutes later): a cache kind the engine cannot batch, a KV group
+    size that does not divide the head dimension, packed KV where the attention cannot read it."""
+    from mlxbatch.engine import arch
     from mlxbatch.engine.kvquant import make
 
     config = _model_config(spec)
-    heads = config.get("num_attention_heads")
-    head = config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config else None)
-    try:
-        kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=head)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if kv.bits != kv.value_bits and config.get("model_type", "llama") != "llama":
-        from mlxbatch.engine.core import MIXED_KV_BITS
-
-        raise UsageError(MIXED_KV_BITS)
+    kv = None
+    if spec.kv_bits:
+        heads = config.get("num_attention_heads")
+        head = config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config else None)
+        try:
+            kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=head)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if config.get("model_type"):
+        arch.check_config(config, kv)
 
 
 def _model_config(spec: JobSpec) -> dict:
@@ -366,7 +366,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     source.kind_of(spec.input)
     _check_columns(spec)
     check_kept_fields(spec.output_format, spec.keep_fields)
-    _check_kv_format(spec)
+    _check_model(spec)
     if spec.workers:
         engine_factory = _workers_factory(spec, engine_factory)  # before loading: no Ray, no load
     # With workers the driver loads no weights: they live on the workers' devices.

@@ -43,6 +43,7 @@ def _cascade_requests(lm):
 @pytest.mark.parametrize("layout,bits,value_bits,qmm", [
     ("cpu", 8, 8, None), ("cpu", 8, 8, False), ("cpu", 4, 4, True), ("cpu", 8, 4, True), ("cpu-uncompiled", 8, 8, True),
     ("metal", 8, 8, True), ("cuda", 4, 4, False), ("cpu-group-loop", 8, 8, True), ("mlx-lm-layers", 8, 8, True),
+    ("mlx-lm-layers", 8, 4, True),
 ])
 def test_attention_over_packed_kv_equals_dequantize_then_attend(tiny, monkeypatch, layout, bits, value_bits, qmm):
     """Decode and prefill, rows with and without a shared (packed) prefix, every backend's form."""
@@ -280,8 +281,16 @@ def test_out_of_memory_row_becomes_an_error_record(tiny, tmp_path):
     assert sorted(r["id"] for r in results) == sorted(f"r{i}" for i in range(6))
 
 
-def test_mixed_bits_need_the_fused_llama_path(tiny):
+def test_packed_kv_is_refused_where_the_architecture_computes_attention_itself():
+    """gemma2 soft-caps its scores in its own attention code: it cannot read packed keys, so
+    --kv-bits is a usage error naming the model type, from the config, before weights load."""
+    from mlxbatch.engine import arch
+    from mlxbatch.engine.kvquant import make
     from mlxbatch.errors import UsageError
 
-    with pytest.raises(UsageError, match="llama-family"):
-        Engine(tiny, kv_bits=8, kv_value_bits=4, options=LAYOUTS["mlx-lm-layers"])
+    config = dict(model_type="gemma2", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, vocab_size=512, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  query_pre_attn_scalar=16)
+    arch.check_config(config)  # the model itself runs
+    with pytest.raises(UsageError, match="'gemma2' computes its attention itself"):
+        arch.check_config(config, make(8, 8, 32, head_dim=32))

@@ -110,9 +110,18 @@ def _dispatch(queries, keys, values, cache, scale: float, mask, sinks=None):
     return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 
-def check_config(config: dict) -> None:
-    """Refuse an architecture the engine cannot run before its weights load: the model is
-    built from its config with lazy (never computed) weights and its cache kinds are read."""
+def check(model: nn.Module, kv=None) -> None:
+    """Refuse, by model type, what the engine cannot run: a cache kind it cannot batch, or packed
+    KV (`kv`: a KVQuant) where the architecture computes attention itself."""
+    layer_windows(model)
+    if kv is not None and not (routes_attention(model) or family(model).fused):
+        raise UsageError(f"--kv-bits: model type {model_type(model)!r} computes its attention itself (not through "
+                         "mlx-lm's scaled_dot_product_attention), so it cannot read packed keys and values")
+
+
+def check_config(config: dict, kv=None) -> None:
+    """`check` before the weights load: the model is built from its config with lazy (never
+    computed) weights."""
     from mlxbatch.models import weights as weights_io
 
     try:
@@ -123,4 +132,4 @@ def check_config(config: dict) -> None:
         model = model_cls(args_cls.from_dict(config))
     except Exception:  # noqa: BLE001 - an odd config: the loader reports it with its own words
         return
-    layer_windows(model)
+    check(model, kv)

@@ -38,8 +38,6 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared tokens (a system prompt)
 _OOM_SHRINK = 0.5  # after running out of memory: budget, batch width and prefill sizes times this
 _MIN_PREFILL_CHUNK = 16
-MIXED_KV_BITS = ("--kv-value-bits other than --kv-bits needs a llama-family model: this one runs mlx-lm's own "
-                 "layers, whose attention reads keys and values at one bit width")
 
 
 @dataclass
@@ -105,8 +103,6 @@ class Engine:
         self.lm = lm
         self.runner = _runner(lm, _with_kv(lm, options or default_options(), kv_bits, kv_value_bits, kv_group_size))
         kv = self.runner.options.kv
-        if kv is not None and kv.bits != kv.value_bits and self.runner.fused is None:
-            raise UsageError(MIXED_KV_BITS)
         is_cpu = not self.runner.options.full_buffer
         self.max_batch = max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
         self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()

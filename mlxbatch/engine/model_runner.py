@@ -131,7 +131,8 @@ class ModelRunner:
             self.bank = Bank(model, adapters, mode=self.options.adapter_mode)
             self.bank.attach(fuse_single=self.options.fuse_adapter)
         self.family = arch.family(model)
-        windows = arch.layer_windows(model)  # refuses cache kinds the engine cannot batch
+        arch.check(model, self.options.kv)  # refuses, by model type, what the engine cannot batch
+        windows = arch.layer_windows(model)
         self.is_fast_head = self.family.fast_head and hasattr(model, "model")
         self.routes_attention = arch.routes_attention(model)
         if self.routes_attention:
