@@ -95,8 +95,38 @@ CONFIGS: dict[str, dict] = {
 }
 
 # What the engine must do with each: "supported" (match mlx-lm) or "refused" (a clear error first).
-STATUS: dict[str, str] = {name: "supported" for name in CONFIGS}
-# e.g. STATUS["mamba2"] = "refused" once the engine refuses state-space models.
+STATUS: dict[str, str] = {
+    "llama": "supported",
+    "llama_sliding": "supported",
+    "mistral": "supported",
+    "qwen2": "supported",
+    "qwen3": "supported",
+    "qwen3_moe": "supported",
+    "mixtral": "supported",
+    "phi3": "supported",
+    "gemma": "supported",
+    "gemma2": "supported",
+    "gemma3_text": "supported",
+    "gpt_oss": "supported",
+    "olmo2": "supported",
+    "olmo3": "supported",
+    "smollm3": "supported",
+    "glm4": "supported",
+    "ernie4_5": "supported",
+    "cohere": "supported",
+    "cohere2": "supported",
+    "starcoder2": "supported",
+    "exaone4": "supported",
+    "ministral3": "supported",
+    "deepseek_v3": "supported",
+    "granite": "supported",
+    "lfm2": "supported",  # hybrid: state layers beside attention
+    "qwen3_next": "supported",  # hybrid: state layers beside attention
+    "granitemoehybrid": "supported",  # hybrid: state layers beside attention
+    "gpt2": "supported",
+    "mamba2": "supported",  # state-space only
+}
+assert set(STATUS) == set(CONFIGS) and set(STATUS.values()) <= {"supported", "refused"}
 
 
 # gemma2 post-norms its branches (unit scale): its embeddings, times sqrt(hidden), must be unit scale too.

@@ -25,11 +25,17 @@ Scenarios (architecture x scenario; nothing is xfail: a failure is a real gap):
                      of 16: rows finish and others join a running batch
   q4                 4-bit weights (nn.quantize, group 32, layers whose input dim 32 divides), the
                      reference quantized identically; `mixed` prompts
-  kv8                --kv-bits 8: runs to the end and agrees with the same engine's float KV on
-                     at least half of all generated tokens (each row's common prefix counted)
+  kv8                --kv-bits 8: runs to the end (every row max_tokens tokens) and agrees with the
+                     same engine's float KV on at least 3/4 of all generated tokens, counting each
+                     row's common prefix only (measured: 100% where the float engine conforms).
+                     Not compared with mlx-lm (mlx-lm's QuantizedKVCache rounds differently).
 "-bucketed": ForwardOptions.for_backend("cuda") (full_buffer, one-query matmuls, addmm, dense q),
 which GPUs run; the others ForwardOptions.for_backend("cpu"). Both with small_model_bytes=0 and
 min_shared_tokens=8, so tiny models take the shared-prefix path.
+
+test_cli_runs_a_model_folder: `mlxbatch run` on a saved folder (config.json, model.safetensors,
+SmolLM2's tokenizer; vocab 49152) of gemma3_text (window 8) and qwen3 (a control): CLI outputs ==
+the engine in process on the same tokens == mlx-lm's greedy tokens.
 
 `archs.STATUS[arch] == "refused"`: Engine(...) must raise UsageError/ModelError naming the
 model type instead (every scenario checks it).
@@ -234,7 +240,7 @@ def test_conformance(arch, scenario):
         assert all(len(packed[r.key]) == MAX_TOKENS for r in reqs), packed
         agree = sum(_common_prefix(packed[r.key], plain[r.key]) for r in reqs)
         total = MAX_TOKENS * len(reqs)
-        assert agree >= total // 2, f"{arch}: 8-bit KV agrees with float KV on {agree}/{total} tokens: " \
+        assert 4 * agree >= 3 * total, f"{arch}: 8-bit KV agrees with float KV on {agree}/{total} tokens: " \
                                     f"{packed} vs {plain}"
     else:
         raise AssertionError(scenario)
@@ -246,21 +252,23 @@ def _common_prefix(a, b) -> int:
 
 # ---------------------------------------------------------------- the CLI on a non-llama folder
 
-def test_cli_runs_a_gemma3_text_folder(tmp_path):
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen3"])
+def test_cli_runs_a_model_folder(tmp_path, arch):
     """`mlxbatch run` on a saved mlx-lm folder (config.json + model.safetensors + SmolLM2's
-    tokenizer): gemma3_text with a window of 8, prompts longer than it; outputs equal mlx-lm's."""
+    tokenizer): gemma3_text with a window of 8, prompts longer than it (qwen3: a control without
+    windows); the CLI's outputs equal the engine's in process, and those equal mlx-lm's."""
     from mlx.utils import tree_flatten
 
     from mlxbatch import models
     import archs
 
-    config = dict(CONFIGS["gemma3_text"], vocab_size=49152)  # the tokenizer's ids
-    archs.CONFIGS["_cli_gemma3_text"] = config
+    config = dict(CONFIGS[arch], vocab_size=49152)  # the tokenizer's ids
+    archs.CONFIGS["_cli"] = config
     try:
-        model = build("_cli_gemma3_text")
+        model = build("_cli")
     finally:
-        del archs.CONFIGS["_cli_gemma3_text"]
-    folder = tmp_path / "gemma3-tiny"
+        del archs.CONFIGS["_cli"]
+    folder = tmp_path / f"{arch}-tiny"
     folder.mkdir()
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config))
@@ -277,15 +285,26 @@ def test_cli_runs_a_gemma3_text_folder(tmp_path):
     rows = {r["id"]: r for r in read_jsonl(out / "results.jsonl")}
     assert sorted(rows) == sorted(prompts)
 
-    lm = models.load(str(folder), dtype="fp32")
-    for rid, text in prompts.items():
-        tokens = lm.tokenizer.encode(text)
-        assert len(tokens) > WINDOW
-        cache = make_prompt_cache(lm.model)
-        y = mx.argmax(lm.model(mx.array([tokens]), cache=cache)[:, -1], axis=-1)
+    # The CLI path (folder loading, tokenizing, the job runner) gives what the engine gives in process...
+    lm = models.load(str(folder), dtype="fp32", ignore_eos=True)
+    tokens = {rid: lm.tokenizer.encode(text, add_special_tokens=False) for rid, text in prompts.items()}
+    assert all(len(t) > WINDOW for t in tokens.values())
+    reqs = [Request(rid, t, SamplingParams(max_tokens=10)) for rid, t in tokens.items()]
+    engine = run_engine(lm, reqs, max_batch=8)
+    for rid in prompts:
+        assert rows[rid]["usage"]["completion_tokens"] == 10
+        assert rows[rid]["output"] == lm.tokenizer.decode(engine[rid]), (rid, rows[rid]["output"], engine[rid])
+    # ...and that equals mlx-lm's greedy tokens, one row at a time (a fresh copy of the weights:
+    # the engine's runner may have fused the loaded ones).
+    ref = models.load(str(folder), dtype="fp32").model
+    bad = []
+    for rid, t in tokens.items():
+        cache = make_prompt_cache(ref)
+        y = mx.argmax(ref(mx.array([t]), cache=cache)[:, -1], axis=-1)
         want = [y.item()]
         for _ in range(9):
-            y = mx.argmax(lm.model(y[:, None], cache=cache)[:, -1], axis=-1)
+            y = mx.argmax(ref(y[:, None], cache=cache)[:, -1], axis=-1)
             want.append(y.item())
-        assert rows[rid]["usage"]["completion_tokens"] == 10
-        assert rows[rid]["output"] == lm.tokenizer.decode(want), (rid, rows[rid]["output"], want)
+        if engine[rid] != want:
+            bad.append(f"{rid} ({len(t)} prompt tokens): first difference at token {_common_prefix(engine[rid], want)}")
+    assert not bad, "the engine differs from mlx-lm on the loaded folder: " + "; ".join(bad)
