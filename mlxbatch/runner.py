@@ -315,10 +315,8 @@ def _check_model(spec: JobSpec) -> None:
     config = _model_config(spec)
     kv = None
     if spec.kv_bits:
-        heads = config.get("num_attention_heads")
-        head = config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config else None)
         try:
-            kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=head)
+            kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=arch.head_dim(config))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if config.get("model_type"):

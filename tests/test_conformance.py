@@ -46,17 +46,18 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import replace
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from archs import CONFIGS, STATUS, VOCAB, WINDOW, build, quantizable
+from archs import CONFIGS, PACKED_KV_REFUSED, STATUS, VOCAB, WINDOW, build, quantizable
 from conftest import cli, read_jsonl, write_jsonl
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from mlxbatch.engine import Engine, Request, SamplingParams
+from mlxbatch.engine.arch import check_config
+from mlxbatch.engine.kvquant import make as make_kv
 from mlxbatch.engine.model_runner import ForwardOptions
 from mlxbatch.errors import ModelError, UsageError
 from mlxbatch.models import LoadedModel, random_tokenizer_dir
@@ -161,11 +162,15 @@ def run_engine(lm: LoadedModel, requests: list[Request], **kw) -> dict:
 
 
 def check_refused(arch: str) -> None:
-    """A refused architecture: a clear usage/model error naming the type, before anything runs."""
+    """A refused architecture: a clear usage/model error naming the type, from its config before
+    weights load (what `mlxbatch run` and `serve` check first) and from the engine."""
     model_type = CONFIGS[arch]["model_type"]
     with pytest.raises((UsageError, ModelError)) as info:
+        check_config(CONFIGS[arch])
+    assert repr(model_type) in str(info.value), str(info.value)
+    with pytest.raises((UsageError, ModelError)) as info:
         Engine(loaded(arch), max_batch=4)
-    assert model_type in str(info.value), str(info.value)
+    assert repr(model_type) in str(info.value), str(info.value)
 
 
 def assert_matches(arch: str, requests: list[Request], got: dict, bits: int = 0) -> None:
@@ -233,6 +238,11 @@ def test_conformance(arch, scenario):
     elif kind == "q4":
         reqs = mixed_requests()
         assert_matches(arch, reqs, run_engine(loaded(arch, bits=4), reqs, max_batch=8, options=options), bits=4)
+    elif kind == "kv8" and arch in PACKED_KV_REFUSED:
+        with pytest.raises(UsageError, match=repr(CONFIGS[arch]["model_type"])):
+            Engine(loaded(arch), max_batch=8, options=options, kv_bits=8)
+        with pytest.raises(UsageError, match=repr(CONFIGS[arch]["model_type"])):
+            check_config(CONFIGS[arch], make_kv(8, 8, 32, head_dim=32))
     elif kind == "kv8":
         reqs = mixed_requests()
         packed = run_engine(loaded(arch), reqs, max_batch=8, options=options, kv_bits=8)
@@ -257,10 +267,10 @@ def test_cli_runs_a_model_folder(tmp_path, arch):
     """`mlxbatch run` on a saved mlx-lm folder (config.json + model.safetensors + SmolLM2's
     tokenizer): gemma3_text with a window of 8, prompts longer than it (qwen3: a control without
     windows); the CLI's outputs equal the engine's in process, and those equal mlx-lm's."""
+    import archs
     from mlx.utils import tree_flatten
 
     from mlxbatch import models
-    import archs
 
     config = dict(CONFIGS[arch], vocab_size=49152)  # the tokenizer's ids
     archs.CONFIGS["_cli"] = config

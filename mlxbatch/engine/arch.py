@@ -21,21 +21,26 @@ from mlxbatch.errors import UsageError
 
 @dataclass(frozen=True)
 class Family:
-    """What one architecture family gets beyond the generic path (every family has that)."""
+    """What one architecture family gets beyond the generic path (mlx-lm's own layers and
+    attention over the engine's batch cache, which every batchable architecture has)."""
 
+    attends: bool = False  # its layers' attention is one mlx-lm scaled_dot_product_attention call over
+    # the cached keys/values: the engine computes it (shared prefixes stored once, packed KV, sinks)
     fast_head: bool = False  # logits = head(model.model(x)[:, -1]): prefill projects one position
     fused: bool = False  # fused projections and the compiled one-token layer (engine/fused.py)
     mask_per_kv_head: bool = False  # its attention reshapes queries [B, Hkv, repeats, L, D]
 
 
-_HEAD = Family(fast_head=True)
-# Keyed by module name under mlx_lm.models. Families not listed run the generic path.
+_BOTH = Family(attends=True, fast_head=True)
+# Keyed by module name under mlx_lm.models; each entry is checked by tests/test_conformance.py.
+# Families not listed run the generic path (correct where mlx-lm's layers are, no cascade or packed KV).
 FAMILIES = {
-    "llama": Family(fast_head=True, fused=True),
-    **{name: _HEAD for name in ("mistral", "qwen2", "qwen3", "qwen3_moe", "smollm3", "olmo2", "olmo3", "mixtral",
-                                "phi3", "exaone4", "glm4", "gemma3_text", "ministral3", "deepseek_v3", "gpt_oss",
-                                "ernie4_5", "starcoder2")},
-    "gemma2": Family(mask_per_kv_head=True),
+    "llama": Family(attends=True, fast_head=True, fused=True),
+    **{name: _BOTH for name in ("qwen2", "qwen3", "qwen3_moe", "smollm3", "olmo2", "olmo3", "mixtral", "phi3",
+                                "exaone4", "glm4", "gemma3_text", "ministral3", "gpt_oss", "ernie4_5", "starcoder2")},
+    **{name: Family(attends=True) for name in ("gemma", "cohere", "cohere2", "granite", "gpt2")},
+    "gemma2": Family(mask_per_kv_head=True),  # soft-caps its scores in its own attention code
+    "deepseek_v3": Family(fast_head=True),  # MLA: its rope scores reach attention as the mask
 }
 
 # What mlx-lm calls its cache classes, by what the engine makes of them.
@@ -80,19 +85,20 @@ def _refusal(name: str, kind: str) -> str:
 
 
 def routes_attention(model: nn.Module) -> bool:
-    """True when every attention of the model calls mlx-lm's `scaled_dot_product_attention`
-    (the engine can then attend for it): the modules of its classes import it and none of them
-    computes attention itself."""
+    """True when the engine computes the model's attention (its family says so and its modules
+    call mlx-lm's `scaled_dot_product_attention`)."""
     from mlx_lm.models import base
 
+    if not family(model).attends:
+        return False
     mods = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
-    uses = [m for m in mods if getattr(m, "scaled_dot_product_attention", None) in (base.scaled_dot_product_attention, _dispatch)]
-    return bool(uses) and not family(model).mask_per_kv_head
+    return any(getattr(m, "scaled_dot_product_attention", None) in (base.scaled_dot_product_attention, _dispatch)
+               for m in mods)
 
 
 def install(model: nn.Module) -> None:
-    """Point the model's modules at `_dispatch`: a LayerCache attends itself, any other cache (a
-    peer's, in `bench`) gets mlx-lm's own function."""
+    """Point the model's modules at `_dispatch` (only for families that `attends`): a LayerCache
+    attends itself, any other cache (a peer's, in `bench`) gets mlx-lm's own function."""
     from mlx_lm.models import base
 
     for _, m in model.named_modules():
@@ -108,6 +114,16 @@ def _dispatch(queries, keys, values, cache, scale: float, mask, sinks=None):
     from mlx_lm.models import base
 
     return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def head_dim(config) -> int | None:
+    """Attention head size from a config dict or ModelArgs, under each family's names; None if unknown."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    if get("head_dim"):
+        return get("head_dim")
+    hidden = next((get(k) for k in ("hidden_size", "n_embd", "d_model") if get(k)), None)
+    heads = next((get(k) for k in ("num_attention_heads", "n_head") if get(k)), None)
+    return hidden // heads if hidden and heads else None
 
 
 def check(model: nn.Module, kv=None) -> None:

@@ -196,7 +196,7 @@ def _merge(a, b=None, sink=None) -> mx.array:
     wa = mx.exp(ma - m)
     num, den = oa * wa, sa * wa
     if b is not None:
-        (ob, mb, sb), wb = b, mx.exp(b[1] - m)
+        (ob, _, sb), wb = b, mx.exp(b[1] - m)
         num, den = num + ob * wb, den + sb * wb
     if sink is not None:
         den = den + mx.exp(sink - m)

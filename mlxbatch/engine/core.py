@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
+from mlxbatch.engine import arch
 from mlxbatch.engine.kvcache import BatchCache, SharedPrefix
 from mlxbatch.engine.kvquant import each
 from mlxbatch.engine.model_runner import ForwardOptions, ModelRunner, default_options
@@ -25,7 +26,6 @@ from mlxbatch.engine.oom import free_memory, is_out_of_memory
 from mlxbatch.engine.prefix_cache import PrefixCache
 from mlxbatch.engine.sampling import RowParams, allowed_tokens, sample
 from mlxbatch.engine.scheduler import Scheduler, Unit, request_key
-from mlxbatch.errors import UsageError
 from mlxbatch.models import LoadedModel
 from mlxbatch.types import Completion, EngineStats, Request
 
@@ -533,14 +533,10 @@ def _with_kv(lm: LoadedModel, options: ForwardOptions, bits, value_bits, group_s
 
     if not bits:
         return options
-    kv = make(bits, value_bits, group_size, head_dim=head_dim(lm.model.args))
+    kv = make(bits, value_bits, group_size, head_dim=arch.head_dim(lm.model.args))
     if kv is None:
         return options
     return replace(options, kv_bits=kv.bits, kv_value_bits=kv.value_bits, kv_group_size=kv.group_size)
-
-
-def head_dim(args) -> int:
-    return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
 
 
 def _concat_extra(old, new, num_old: int):
