@@ -35,8 +35,8 @@ _BOTH = Family(attends=True, fast_head=True)
 # Keyed by module name under mlx_lm.models; each entry is checked by tests/test_conformance.py.
 # Families not listed run the generic path (correct where mlx-lm's layers are, no cascade or packed KV).
 FAMILIES = {
-    "llama": Family(attends=True, fast_head=True, fused=True),
-    **{name: _BOTH for name in ("qwen2", "qwen3", "qwen3_moe", "smollm3", "olmo2", "olmo3", "mixtral", "phi3",
+    **{name: Family(attends=True, fast_head=True, fused=True) for name in ("llama", "qwen2", "qwen3")},
+    **{name: _BOTH for name in ("qwen3_moe", "smollm3", "olmo2", "olmo3", "mixtral", "phi3",
                                 "exaone4", "glm4", "gemma3_text", "ministral3", "gpt_oss", "ernie4_5", "starcoder2")},
     **{name: Family(attends=True) for name in ("gemma", "cohere", "cohere2", "granite", "gpt2")},
     "gemma2": Family(mask_per_kv_head=True),  # soft-caps its scores in its own attention code

@@ -132,8 +132,10 @@ def hidden_states(model: nn.Module, tokens: mx.array, caches: list, fused: list,
     for i, (layer, cache, (qkv, gate_up)) in enumerate(zip(inner.layers, caches, fused)):
         attn = layer.self_attn
         q, k, v = qkv(layer.input_layernorm(h))
-        q = attn.rope(_heads(q, B, L, attn.n_heads), offset=cache.offset)
-        k = attn.rope(_heads(k, B, L, attn.n_kv_heads), offset=cache.offset)
+        q, k = _heads(q, B, L, attn.n_heads), _heads(k, B, L, attn.n_kv_heads)
+        if hasattr(attn, "q_norm"):  # QK-norm (Qwen3): per head, before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = attn.rope(q, offset=cache.offset), attn.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, _heads(v, B, L, attn.n_kv_heads))
         h = h + attn.o_proj(attend(q, k, v, scale=attn.scale, mask=mask, groups=groups, opts=opts, layer=i))
         g, u = gate_up(layer.post_attention_layernorm(h))
@@ -155,9 +157,12 @@ class DecodePlan:
         first = model.model.layers[0]
         attn, eps = first.self_attn, first.input_layernorm.eps
         self.weights, self.loras = [], []  # per layer; loras: the adapters' (qkv, o, gate_up, down) arrays
+        self.has_qk_norm = hasattr(attn, "q_norm")
+        qk_eps = attn.q_norm.eps if self.has_qk_norm else 0.0
         for layer, (qkv, gate_up) in zip(model.model.layers, fused):
             (o, d_o), (down, d_down) = unwrap(layer.self_attn.o_proj), unwrap(layer.mlp.down_proj)
-            self.weights.append((layer.input_layernorm.weight, qkv.weight, o.weight,
+            qk_norm = (layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight) if self.has_qk_norm else None
+            self.weights.append((layer.input_layernorm.weight, qkv.weight, qk_norm, o.weight,
                                  layer.post_attention_layernorm.weight, gate_up.weight, down.weight))
             deltas = (qkv.lora, d_o, gate_up.lora, d_down)
             self.loras.append(tuple(d.arrays if d else None for d in deltas) if any(deltas) else None)
@@ -166,7 +171,7 @@ class DecodePlan:
         self.bank = banks[0] if banks else None
         mode = self.bank.mode if self.bank else "dense"
         self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
-        self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, rope=attn.rope,
+        self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, qk_eps=qk_eps, rope=attn.rope,
                                       dense_q=dense_q, mode=mode))
         self.post = mx.compile(partial(_post, eps=eps, use_addmm=use_addmm, mode=mode))
         self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm,
@@ -191,10 +196,10 @@ class DecodePlan:
         # bucket (GPUs) and no row shares a prefix (the cascade's shape follows the groups).
         fold = self.bucketed and groups is None
         rows = self.bank.rows.arrays if self.bank is not None and self.bank.rows is not None else None
-        for i, ((ln1, wqkv, wo, ln2, wgu, wd), lora, cache) in enumerate(zip(self.weights, self.loras, caches)):
+        for i, ((ln1, wqkv, qk_norm, wo, ln2, wgu, wd), lora, cache) in enumerate(zip(self.weights, self.loras, caches)):
             lora = lora if rows is not None else None  # (qkv, o, gate_up, down) updates, with the rows' adapters
             lq, lrest = (lora[0], (*lora[1:], rows)) if lora else (None, None)
-            q, k, v = self.pre(h, ln1, wqkv, cache.offset, lq, rows)
+            q, k, v = self.pre(h, ln1, wqkv, qk_norm, cache.offset, lq, rows)
             k, v = cache.update_and_fetch(k, v)  # outside: an in-place write into the cache buffer
             if fold:
                 h = self.attend_post(h, q, k, v, mask, wo, ln2, wgu, wd, lrest)
@@ -210,12 +215,16 @@ def _project(x, w, lora, rows, mode: str):
     return y if lora is None else apply(x, y, lora, rows, mode=mode)
 
 
-def _pre(h, ln1, wqkv, offset, lq, rows, *, heads, eps, rope, dense_q: bool, mode: str):
+def _pre(h, ln1, wqkv, qk_norm, offset, lq, rows, *, heads, eps, qk_eps, rope, dense_q: bool, mode: str):
     nq, nk = heads
     B = h.shape[0]
     y = _project(mx.fast.rms_norm(h, ln1, eps), wqkv, lq, rows, mode)
     qk_cols = y.shape[-1] * (nq + nk) // (nq + 2 * nk)
-    qk = rope(y[..., :qk_cols].reshape(B, nq + nk, 1, -1), offset=offset)  # q and k heads in one call
+    qk = y[..., :qk_cols].reshape(B, nq + nk, 1, -1)
+    if qk_norm is not None:  # QK-norm (Qwen3): q and k heads each by their own weight
+        qn, kn = qk_norm
+        qk = mx.concatenate([mx.fast.rms_norm(qk[:, :nq], qn, qk_eps), mx.fast.rms_norm(qk[:, nq:], kn, qk_eps)], axis=1)
+    qk = rope(qk, offset=offset)  # q and k heads in one call
     q = mx.contiguous(qk[:, :nq]) if dense_q else qk[:, :nq]  # dense: one strided batch in the score matmul
     return q, qk[:, nq:], y[..., qk_cols:].reshape(B, nk, 1, -1)
 
