@@ -325,7 +325,10 @@ def _check_model(spec: JobSpec) -> None:
 
 def _model_config(spec: JobSpec) -> dict:
     if spec.model.startswith("random:"):
-        config = models.RANDOM_PRESETS.get(spec.model.split(":", 1)[1], {})
+        try:
+            config = models.random_config(spec.model.split(":", 1)[1])
+        except ModelError:
+            return {}  # `load` says what is wrong with the name
     else:
         path = models.local_path(spec.model, dtype=spec.dtype)  # what `load` reads next (cached)
         try:

@@ -156,3 +156,17 @@ def test_gguf_round_trip_float_tensors(tmp_path, tiny, dtype):
     tokens = mx.array([tiny.tokenizer.encode("The lighthouse keeper counted 42 ships.")])
     tol = 1e-4 if dtype == mx.float32 else 5e-2
     assert mx.allclose(lm.model(tokens), tiny.model(tokens), atol=tol, rtol=tol).item()
+
+
+@pytest.mark.parametrize("preset", ["mistral-7b", "qwen3-4b", "qwen3-30b-a3b", "gemma3-1b", "gemma3-4b", "gpt-oss-20b"])
+def test_random_presets_at_real_shapes_build_and_are_supported(preset):
+    """Each benchmark preset builds mlx-lm's class (lazy weights: nothing is computed) and passes the
+    architecture check `mlxbatch run` makes before loading; `NAME:LAYERS` cuts the depth."""
+    from mlxbatch.engine import arch
+
+    config = models.random_config(preset)
+    arch.check_config(config)
+    cut = models.random_config(f"{preset}:6")
+    assert cut["num_hidden_layers"] == 6 and len(cut.get("layer_types", [None] * 6)) == 6
+    with pytest.raises(models.ModelError, match="layer count"):
+        models.random_config(f"{preset}:0")

@@ -298,10 +298,7 @@ def models_info(name: str = typer.Argument(...), dtype: str = typer.Option("auto
     from mlxbatch import models
 
     if name.startswith("random:"):
-        preset = name.split(":", 1)[1]
-        if preset not in models.RANDOM_PRESETS:
-            raise models.ModelError(f"unknown random preset {preset!r}")
-        for k, v in models.RANDOM_PRESETS[preset].items():
+        for k, v in models.random_config(name.split(":", 1)[1]).items():
             typer.echo(f"{k}: {v}")
         return
     for k, v in models.describe(models.local_path(name, dtype=dtype)).items():
