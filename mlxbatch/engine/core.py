@@ -353,7 +353,7 @@ class Engine:
     # ------------------------------------------------------------ prefill
     def _start_unit(self, unit: Unit) -> _Filling:
         reqs = unit.requests
-        p = unit.prefix_len if self.runner.can_reuse_prefix else 0  # else whole prompts, left-padded
+        p = unit.prefix_len if self._reuses_prefix(reqs) else 0  # else whole prompts, left-padded
         cache = self._unit_cache(reqs, p)
         suffixes = [r.tokens[p:] for r in reqs]
         width = max(len(s) for s in suffixes)
@@ -368,6 +368,10 @@ class Engine:
         st.prompt_padding += sum(pads)
         st.prefix_hit_tokens += p * (len(reqs) - 1)
         return _Filling(unit, cache, tokens, valid)
+
+    def _reuses_prefix(self, reqs: list) -> bool:
+        # State layers (ModelRunner.can_reuse_prefix) take a prefix only where no pads follow it.
+        return self.runner.can_reuse_prefix or len({len(r.tokens) for r in reqs}) == 1
 
     def _unit_cache(self, reqs: list, p: int) -> BatchCache:
         """A unit's cache: its common prefix stored once for the group when that pays,
@@ -458,7 +462,8 @@ class Engine:
             return found
         kv = found.kv if found else None
         packed = self.runner.options.kv
-        head, n = self.prefix_cache.shared_head(key) if packed is None else (None, 0)  # packed KV: no head slicing
+        # Packed KV or a state (the whole prefix's summary): no head slicing.
+        head, n = self.prefix_cache.shared_head(key) if packed is None and not self.runner.has_state else (None, 0)
         n -= 1 if adapter and n else 0  # the key's adapter tag token is not a position of the KV
         if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
             kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n

@@ -148,7 +148,8 @@ class ModelRunner:
         self.can_share_prefix = (self.options.shared_prefix and (self.fused is not None or self.routes_attention)
                                  and not any(windows))
         # A state layer's convolution window would slide over pads in the middle of a row (after a
-        # copied prefix, before a shorter suffix): such models compute whole prompts, left-padded.
+        # copied prefix, before a shorter suffix): such models compute whole prompts, left-padded,
+        # unless a unit's suffixes have one length (no pads: core.Engine._reuses_prefix).
         self.has_state = any(isinstance(w, StateLayer) for w in windows)
         self.can_reuse_prefix = not self.has_state
         self.num_layers = len(windows)
