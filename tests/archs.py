@@ -120,11 +120,11 @@ STATUS: dict[str, str] = {
     "ministral3": "supported",
     "deepseek_v3": "supported",
     "granite": "supported",
-    "lfm2": "refused",  # hybrid: state layers beside attention
-    "qwen3_next": "refused",  # hybrid: state layers beside attention
-    "granitemoehybrid": "refused",  # hybrid: state layers beside attention
+    "lfm2": "supported",  # hybrid: state layers beside attention
+    "qwen3_next": "supported",  # hybrid: state layers beside attention
+    "granitemoehybrid": "supported",  # hybrid: state layers beside attention
     "gpt2": "supported",
-    "mamba2": "refused",  # state-space only
+    "mamba2": "supported",  # state-space only
 }
 # Architectures whose layers compute attention themselves (gemma2's soft-capping, MLA's rope scores
 # passed as the mask): --kv-bits is a usage error for them.

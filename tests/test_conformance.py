@@ -318,3 +318,96 @@ def test_cli_runs_a_model_folder(tmp_path, arch):
         if engine[rid] != want:
             bad.append(f"{rid} ({len(t)} prompt tokens): first difference at token {_common_prefix(engine[rid], want)}")
     assert not bad, "the engine differs from mlx-lm on the loaded folder: " + "; ".join(bad)
+
+
+# ---------------------------------------------------------------- state layers take a prefix
+
+HYBRIDS = [a for a in ARCHS if a in ("lfm2", "qwen3_next", "granitemoehybrid", "mamba2")]
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_state_layers_reuse_a_prefix_without_pads(arch):
+    """Suffixes of one length (no pads after the prefix): the prefix's state is computed once,
+    copied into each row, and read back from the prefix cache by the second unit (max_batch 2)."""
+    rng = random.Random(4)
+    shared = _tokens(rng, 40)
+    reqs = [Request(i, shared + _tokens(rng, 6), SamplingParams(max_tokens=MAX_TOKENS)) for i in range(4)]
+    eng = Engine(loaded(arch), max_batch=2, prefill_chunk=16, options=LAYOUTS["cpu"])
+    for r in reqs:
+        eng.add(r)
+    done = {}
+    while eng.has_work:
+        done.update({c.key: c.tokens for c in eng.step()})
+    assert eng.stats.prefix_hits > 0, "the prefix was not reused"
+    assert_matches(arch, reqs, done)
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_state_layers_logits_match(arch):
+    """Logits, not only greedy tokens (these tiny random models forget distant tokens, so tokens
+    alone would hide a wrong state): left-padded prompts prefilled in chunks of 16, then rows
+    dropped (keep) and a row merged in, equal mlx-lm's one-row logits at every step."""
+    from mlxbatch.engine.model_runner import ModelRunner
+
+    model, ref = build(arch), ref_model(arch)
+    runner = ModelRunner(model, LAYOUTS["cpu"])
+    rng = random.Random(5)
+    prompts = [_tokens(rng, n) for n in (5, 23, 40)]
+    late = _tokens(rng, 9)
+
+    def prefill(rows):
+        cache, width = runner.new_cache(len(rows)), max(map(len, rows))
+        tokens = mx.array([[0] * (width - len(r)) + r for r in rows], dtype=mx.int32)
+        valid = mx.array([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+        for start in range(0, width - 16, 16):
+            cache.layout.begin(valid[:, start : start + 16])
+            runner.forward_hidden(tokens[:, start : start + 16], cache)
+        start = cache.layout.idx
+        cache.layout.begin(valid[:, start:])
+        return cache, runner.forward_last(tokens[:, start:], cache)
+
+    def step(cache, toks):
+        cache.layout.begin(mx.ones((len(toks), 1), dtype=mx.bool_))
+        return runner.forward_last(mx.array([[t] for t in toks], dtype=mx.int32), cache)
+
+    refs = {i: (make_prompt_cache(ref), p) for i, p in enumerate(prompts + [late])}
+
+    def ref_logits(i, toks):
+        return ref(mx.array([toks]), cache=refs[i][0])[0, -1]
+
+    cache, logits = prefill(prompts)
+    rows = [0, 1, 2]
+    want = [ref_logits(i, prompts[i]) for i in rows]
+    for n in range(6):
+        assert mx.allclose(logits, mx.stack(want), atol=1e-3, rtol=1e-3).item(), (arch, n, rows)
+        toks = [int(t) for t in mx.argmax(logits, axis=-1).tolist()]
+        if n == 2:  # row 1 finishes, a new row joins
+            cache.keep([0, 2])
+            rows, toks = [0, 2], [toks[0], toks[2]]
+            other, late_logits = prefill([late])
+            cache.merge(other)
+            rows.append(3)
+            toks.append(int(mx.argmax(late_logits[0]).item()))
+            ref_logits(3, late)
+        logits = step(cache, toks)
+        want = [ref_logits(i, [t]) for i, t in zip(rows, toks)]
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_state_layers_prefix_logits_match(arch):
+    """A prefix's state (batch 1, prefix_kv) copied into two rows (from_prefix) and extended by
+    suffixes of one length gives mlx-lm's logits for the whole prompts."""
+    from mlxbatch.engine.kvcache import BatchCache
+    from mlxbatch.engine.model_runner import ModelRunner
+
+    runner, ref = ModelRunner(build(arch), LAYOUTS["cpu"]), ref_model(arch)
+    rng = random.Random(6)
+    shared, suffixes = _tokens(rng, 20), [_tokens(rng, 5) for _ in range(2)]
+    one = runner.new_cache(1)
+    one.layout.begin(mx.ones((1, 20), dtype=mx.bool_))
+    runner.forward_hidden(mx.array([shared], dtype=mx.int32), one)
+    cache = BatchCache.from_prefix(runner.cache_format, one.prefix_kv(), 2, 20)
+    cache.layout.begin(mx.ones((2, 5), dtype=mx.bool_))
+    logits = runner.forward_last(mx.array(suffixes, dtype=mx.int32), cache)
+    want = mx.stack([ref(mx.array([shared + s]), cache=make_prompt_cache(ref))[0, -1] for s in suffixes])
+    assert mx.allclose(logits, want, atol=1e-3, rtol=1e-3).item(), arch

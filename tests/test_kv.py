@@ -294,3 +294,24 @@ def test_packed_kv_is_refused_where_the_architecture_computes_attention_itself()
     arch.check_config(config)  # the model itself runs
     with pytest.raises(UsageError, match="'gemma2' computes its attention itself"):
         arch.check_config(config, make(8, 8, 32, head_dim=32))
+
+
+def test_an_unknown_cache_kind_is_refused_by_name():
+    """A model whose make_cache holds a kind the engine cannot batch is a usage error naming the
+    model type and the kind (state layers, ArraysCache, run: tests/test_conformance.py)."""
+    import mlx.nn as nn
+
+    from mlxbatch.engine import arch
+    from mlxbatch.errors import UsageError
+
+    class ChunkedCache:
+        pass
+
+    class Odd(nn.Module):
+        model_type = "odd"
+
+        def make_cache(self):
+            return [ChunkedCache()]
+
+    with pytest.raises(UsageError, match=r"model type 'odd' is not supported yet: .*\(ChunkedCache\)"):
+        arch.check(Odd())

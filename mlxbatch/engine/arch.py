@@ -2,8 +2,8 @@
 
 Owns: the one table of families (keyed by the mlx-lm module that defines the model
 class, so Mistral, which mlx-lm loads as llama, is llama here too), each layer's
-cache kind read from the model's own `make_cache()` (plain, sliding window, or
-refused by name), whether the model's attention goes through mlx-lm's
+cache kind read from the model's own `make_cache()` (plain, sliding window, a
+convolution / recurrent state, or refused by name), whether the model's attention goes through mlx-lm's
 `scaled_dot_product_attention` (then the engine attends for it: shared prefixes
 stored once, packed KV, sinks), and the check made from a config before any
 weights load. Does not own: running the model (model_runner.py) or the cache (kvcache.py).
@@ -41,6 +41,11 @@ FAMILIES = {
     **{name: Family(attends=True) for name in ("gemma", "cohere", "cohere2", "granite", "gpt2")},
     "gemma2": Family(mask_per_kv_head=True),  # soft-caps its scores in its own attention code
     "deepseek_v3": Family(fast_head=True),  # MLA: its rope scores reach attention as the mask
+    # Hybrids: state layers (kvcache.StateCache) beside attention layers the engine attends for;
+    # granitemoehybrid divides its logits by a scale after the head (no fast_head).
+    "lfm2": _BOTH,
+    "qwen3_next": _BOTH,
+    "granitemoehybrid": Family(attends=True),
 }
 
 # What mlx-lm calls its cache classes, by what the engine makes of them.
@@ -61,8 +66,11 @@ def model_type(model: nn.Module) -> str:
 
 
 def layer_windows(model: nn.Module) -> tuple:
-    """Per layer of the model's cache: its sliding window, or None for a plain layer. A kind
-    the engine cannot batch is a usage error naming the model type and the kind."""
+    """Per layer of the model's cache: its sliding window, None for a plain layer, or a StateLayer
+    (a convolution / recurrent state). A kind the engine cannot batch is a usage error naming the
+    model type and the kind."""
+    from mlxbatch.engine.kvcache import StateLayer
+
     if not hasattr(model, "make_cache"):
         return (None,) * len(model.layers)
     out = []
@@ -72,15 +80,15 @@ def layer_windows(model: nn.Module) -> tuple:
             out.append(None)
         elif kind in _WINDOWED and not getattr(c, "keep", 0):
             out.append(c.max_size)
+        elif kind in _STATE and hasattr(c, "cache"):
+            out.append(StateLayer(len(c.cache)))
         else:
             raise UsageError(_refusal(model_type(model), kind))
     return tuple(out)
 
 
 def _refusal(name: str, kind: str) -> str:
-    why = ("its layers keep a recurrent or convolution state" if kind in _STATE
-           else "its layers keep a cache the engine cannot batch")
-    return (f"model type {name!r} is not supported yet: {why} ({kind}); "
+    return (f"model type {name!r} is not supported yet: its layers keep a cache the engine cannot batch ({kind}); "
             "docs/models.md lists the supported architectures")
 
 
@@ -129,8 +137,10 @@ def head_dim(config) -> int | None:
 def check(model: nn.Module, kv=None) -> None:
     """Refuse, by model type, what the engine cannot run: a cache kind it cannot batch, or packed
     KV (`kv`: a KVQuant) where the architecture computes attention itself."""
-    layer_windows(model)
-    if kv is not None and not (routes_attention(model) or family(model).fused):
+    from mlxbatch.engine.kvcache import StateLayer
+
+    has_kv = any(not isinstance(w, StateLayer) for w in layer_windows(model))  # else nothing to pack
+    if kv is not None and has_kv and not (routes_attention(model) or family(model).fused):
         raise UsageError(f"--kv-bits: model type {model_type(model)!r} computes its attention itself (not through "
                          "mlx-lm's scaled_dot_product_attention), so it cannot read packed keys and values")
 

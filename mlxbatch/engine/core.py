@@ -339,7 +339,7 @@ class Engine:
     def _rows_within_budget(self, free: int) -> int:
         """Rows that fit the KV budget, assuming each may reach its own columns + max_tokens;
         a shared prefix counts once (it is stored once)."""
-        per_row = self._bytes_per_token * self._longest_row()
+        per_row = self._bytes_per_token * self._longest_row() + self.runner.state_bytes_per_row()
         shared = self._cache.layout.shared_bytes if self._cache is not None else 0
         used = per_row * self.num_active + shared
         fits = (self.max_kv_bytes - used) // max(per_row, 1)
@@ -352,7 +352,8 @@ class Engine:
 
     # ------------------------------------------------------------ prefill
     def _start_unit(self, unit: Unit) -> _Filling:
-        reqs, p = unit.requests, unit.prefix_len
+        reqs = unit.requests
+        p = unit.prefix_len if self._reuses_prefix(reqs) else 0  # else whole prompts, left-padded
         cache = self._unit_cache(reqs, p)
         suffixes = [r.tokens[p:] for r in reqs]
         width = max(len(s) for s in suffixes)
@@ -367,6 +368,10 @@ class Engine:
         st.prompt_padding += sum(pads)
         st.prefix_hit_tokens += p * (len(reqs) - 1)
         return _Filling(unit, cache, tokens, valid)
+
+    def _reuses_prefix(self, reqs: list) -> bool:
+        # State layers (ModelRunner.can_reuse_prefix) take a prefix only where no pads follow it.
+        return self.runner.can_reuse_prefix or len({len(r.tokens) for r in reqs}) == 1
 
     def _unit_cache(self, reqs: list, p: int) -> BatchCache:
         """A unit's cache: its common prefix stored once for the group when that pays,
@@ -408,7 +413,7 @@ class Engine:
     def _join(self, unit: Unit, cache: BatchCache, logits: mx.array) -> None:
         """Sample the unit's first tokens and merge it into the running batch."""
         ctx = self.lm.context_length
-        shared = unit.prefix_len if cache.layout.groups else 0
+        shared = unit.prefix_len if cache.layout.groups else 0  # groups only where prefixes are reused
         rows = [_Row(r, len(r.tokens), min(r.params.max_tokens, ctx - len(r.tokens)), shared,
                      logprobs=[] if r.params.logprobs is not None else None) for r in unit.requests]
         params = RowParams.build([r.params for r in unit.requests])
@@ -457,7 +462,8 @@ class Engine:
             return found
         kv = found.kv if found else None
         packed = self.runner.options.kv
-        head, n = self.prefix_cache.shared_head(key) if packed is None else (None, 0)  # packed KV: no head slicing
+        # Packed KV or a state (the whole prefix's summary): no head slicing.
+        head, n = self.prefix_cache.shared_head(key) if packed is None and not self.runner.has_state else (None, 0)
         n -= 1 if adapter and n else 0  # the key's adapter tag token is not a position of the KV
         if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
             kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n
@@ -521,7 +527,7 @@ class Engine:
 
     def _shrink(self, rows: int, held: int) -> None:
         self.max_batch = max(1, int(min(self.max_batch, rows) * _OOM_SHRINK))
-        floor = self._bytes_per_token * min(self._longest_row(), 1024)
+        floor = self._bytes_per_token * min(self._longest_row(), 1024) + self.runner.state_bytes_per_row()
         self.max_kv_bytes = max(floor, int(min(self.max_kv_bytes, max(held, floor)) * _OOM_SHRINK))
         self.max_prefill_tokens = max(_MIN_PREFILL_CHUNK, int(self.max_prefill_tokens * _OOM_SHRINK))
         self.prefill_chunk = max(_MIN_PREFILL_CHUNK, int(self.prefill_chunk * _OOM_SHRINK))

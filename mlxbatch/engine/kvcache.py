@@ -47,8 +47,8 @@ class SharedPrefix:
     length: int
 
     @property
-    def nbytes(self) -> int:
-        return sum(nbytes(k) + nbytes(v) for k, v in self.kv)
+    def nbytes(self) -> int:  # an entry per layer: (keys, values), or a state layer's arrays
+        return sum(nbytes(x) for entry in self.kv for x in entry)
 
 
 class GroupPlan:
@@ -275,10 +275,83 @@ class LayerCache:
 
 
 @dataclass(frozen=True)
+class StateLayer:
+    """CacheFormat.windows entry of a layer that keeps a convolution / recurrent state (mlx-lm's
+    ArraysCache of `size` arrays) instead of keys and values."""
+
+    size: int
+
+
+class StateCache:
+    """mlx-lm's ArraysCache protocol for one state layer over the batch's Layout: a list of
+    per-row state arrays (batch first); the new columns' validity is the model's mask, so a
+    masked pad leaves a still-zero state zero (pads only ever lead a row: see
+    ModelRunner.can_reuse_prefix)."""
+
+    lengths = None  # no row ends before the batch's last column (no right padding)
+    left_padding = None  # pads are masked through make_mask, from the layout
+
+    def __init__(self, layout: Layout, index: int, size: int):
+        self.layout = layout
+        self.index = index
+        self.cache: list = [None] * size
+
+    def __getitem__(self, i: int):
+        return self.cache[i]
+
+    def __setitem__(self, i: int, value) -> None:
+        self.cache[i] = value
+
+    def advance(self, n: int) -> None:
+        pass  # the layout advances once per forward (Layout.end)
+
+    def make_mask(self, N: int) -> mx.array:
+        """[B, N]: which of the new columns are real (pads are masked out of the state)."""
+        lay = self.layout
+        return lay.valid[:, lay.idx : lay.idx + N]
+
+    @property
+    def is_empty(self) -> bool:
+        return self.cache[0] is None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.cache if a is not None)
+
+    def arrays(self) -> list:
+        return [a for a in self.cache if a is not None]
+
+    def keep(self, index: mx.array) -> None:
+        self.cache = [a[index] if a is not None else None for a in self.cache]
+
+    def merge(self, other: "StateCache") -> None:
+        """Append other's rows; a side that never ran (no state yet) gets zeros, as ArraysCache.extend."""
+        na, nb = self.layout.batch, other.layout.batch  # the layouts' batches before merging
+        self.cache = [_cat_state(a, b, na, nb) for a, b in zip(self.cache, other.cache)]
+
+    def prefix(self) -> tuple:
+        """Row 0's state (for the prefix cache)."""
+        return tuple(a[:1] for a in self.cache)
+
+    def start_from(self, state: tuple, batch: int) -> None:
+        # A real copy per row, so later updates do not touch the cached prefix's state.
+        self.cache = [mx.array(mx.broadcast_to(a, (batch, *a.shape[1:]))) for a in state]
+
+
+def _cat_state(a, b, na: int, nb: int):
+    if a is None and b is None:
+        return None
+    like = a if a is not None else b
+    a = a if a is not None else mx.zeros((na, *like.shape[1:]), like.dtype)
+    b = b if b is not None else mx.zeros((nb, *like.shape[1:]), like.dtype)
+    return mx.concatenate([a, b])
+
+
+@dataclass(frozen=True)
 class CacheFormat:
     """How one model's batch caches are laid out; decided once by the model runner."""
 
-    windows: tuple  # per layer: its sliding window, or None (attends to every earlier position)
+    windows: tuple  # per layer: its sliding window, None (attends to every earlier position), or a StateLayer
     full_buffer: bool = False  # attention over the bucketed buffer (see `capacity`)
     kv: KVQuant | None = None
     attend: AttendOptions = AttendOptions()
@@ -294,7 +367,16 @@ class BatchCache:
 
     def __init__(self, fmt: CacheFormat, batch: int):
         self.layout = Layout(batch, fmt)
-        self.layers = [LayerCache(self.layout, i, w) for i, w in enumerate(fmt.windows)]
+        self.layers = [StateCache(self.layout, i, w.size) if isinstance(w, StateLayer) else LayerCache(self.layout, i, w)
+                       for i, w in enumerate(fmt.windows)]
+
+    @property
+    def kv_layers(self) -> list:
+        return [c for c in self.layers if isinstance(c, LayerCache)]
+
+    @property
+    def state_layers(self) -> list:
+        return [c for c in self.layers if isinstance(c, StateCache)]
 
     @property
     def batch(self) -> int:
@@ -306,15 +388,18 @@ class BatchCache:
 
     def arrays(self) -> list:
         out = [self.layout.valid, self.layout.offset]
-        for c in self.layers:
+        for c in self.kv_layers:
             if c.keys is not None:
                 out += [*_parts(c.keys), *_parts(c.values)]
+        for c in self.state_layers:
+            out += c.arrays()
         return out
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this batch's own buffers (shared prefixes not included)."""
-        return sum(nbytes(c.keys) + nbytes(c.values) for c in self.layers if c.keys is not None)
+        """Bytes of this batch's own buffers and states (shared prefixes not included)."""
+        kv = sum(nbytes(c.keys) + nbytes(c.values) for c in self.kv_layers if c.keys is not None)
+        return kv + sum(c.nbytes for c in self.state_layers)
 
     @classmethod
     def from_prefix(cls, fmt: CacheFormat, prefix_kv: list, batch: int, length: int) -> "BatchCache":
@@ -324,16 +409,20 @@ class BatchCache:
             return bc
         # A real buffer, so later writes do not touch the cached prefix.
         copy = lambda x: mx.array(mx.broadcast_to(x, (batch, *x.shape[1:])))  # noqa: E731
-        for c, (k, v) in zip(bc.layers, prefix_kv):
-            c.keys, c.values = each(copy, k), each(copy, v)
+        for c, entry in zip(bc.layers, prefix_kv):
+            if isinstance(c, StateCache):
+                c.start_from(entry, batch)
+            else:
+                c.keys, c.values = each(copy, entry[0]), each(copy, entry[1])
         bc.layout.valid = mx.ones((batch, length), dtype=mx.bool_)
         bc.layout.offset = mx.full((batch,), length, dtype=mx.int32)
         bc.layout.idx = length
         return bc
 
     def prefix_kv(self) -> list:
-        """Row 0's keys/values of every layer (for the prefix cache)."""
-        return [tuple(each(lambda a: a[:1], x) for x in c.used()) for c in self.layers]
+        """Row 0's keys/values of every layer, a state layer's state (for the prefix cache)."""
+        return [c.prefix() if isinstance(c, StateCache) else tuple(each(lambda a: a[:1], x) for x in c.used())
+                for c in self.layers]
 
     def keep(self, rows: list[int], *, trim: bool = False) -> None:
         """Drop every row not listed; with `trim`, also the leading columns no row uses
@@ -345,7 +434,9 @@ class BatchCache:
         lay.valid = valid[:, start:]
         lay.offset = lay.offset[index]
         lay.keep_groups(rows)
-        for c in self.layers:
+        for c in self.state_layers:
+            c.keep(index)
+        for c in self.kv_layers:
             if c.keys is not None:
                 c.keys = each(lambda a: a[index, :, start : lay.idx, :], c.keys)
                 c.values = each(lambda a: a[index, :, start : lay.idx, :], c.values)
@@ -356,11 +447,13 @@ class BatchCache:
         cols = max(self.columns, other.columns)
         a_pad, b_pad = cols - self.columns, cols - other.columns
         lay, olay = self.layout, other.layout
+        for c, o in zip(self.state_layers, other.state_layers):  # before the layout's batch changes
+            c.merge(o)
         lay.valid = mx.concatenate([_pad_cols(lay.valid[:, : self.columns], a_pad),
                                     _pad_cols(olay.valid[:, : other.columns], b_pad)], axis=0)
         lay.offset = mx.concatenate([lay.offset, olay.offset])
         lay.merge_groups(olay)
-        for c, o in zip(self.layers, other.layers):
+        for c, o in zip(self.kv_layers, other.kv_layers):
             (ak, av), (bk, bv) = _used_or_empty(c, o), _used_or_empty(o, c)
             c.keys = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), ak, bk)
             c.values = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), av, bv)

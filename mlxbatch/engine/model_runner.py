@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from mlxbatch.engine import arch
 from mlxbatch.engine.attention import AttendOptions
 from mlxbatch.engine.fused import DecodePlan, fuse, hidden_states
-from mlxbatch.engine.kvcache import BatchCache, CacheFormat
+from mlxbatch.engine.kvcache import BatchCache, CacheFormat, StateLayer
 from mlxbatch.engine.kvquant import KVQuant, first, nbytes
 from mlxbatch.engine.lora import Bank
 
@@ -147,10 +147,15 @@ class ModelRunner:
         # window would need the prefix masked per row (not done: such prefixes are copied per row).
         self.can_share_prefix = (self.options.shared_prefix and (self.fused is not None or self.routes_attention)
                                  and not any(windows))
+        # A state layer's convolution window would slide over pads in the middle of a row (after a
+        # copied prefix, before a shorter suffix): such models compute whole prompts, left-padded,
+        # unless a unit's suffixes have one length (no pads: core.Engine._reuses_prefix).
+        self.has_state = any(isinstance(w, StateLayer) for w in windows)
+        self.can_reuse_prefix = not self.has_state
         self.num_layers = len(windows)
         self.cache_format = CacheFormat(windows, full_buffer=self.options.full_buffer, kv=self.options.kv,
                                         attend=self.options.attend, mask_per_kv_head=self.family.mask_per_kv_head)
-        self._kv_bytes = self._measure_kv_bytes()
+        self._kv_bytes, self._state_bytes = self._measure_kv_bytes()
 
     def describe(self) -> str:
         """One line for the log: what runs and why."""
@@ -181,13 +186,20 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return self._kv_bytes
 
-    def _measure_kv_bytes(self) -> int:
-        """Bytes one token adds to a row's cache, read off a one-token forward: every architecture's
-        layers say for themselves what they store (heads, head sizes, MLA's compressed keys, packing)."""
+    def state_bytes_per_row(self) -> int:
+        """Bytes a row's state layers hold, whatever its length."""
+        return self._state_bytes
+
+    def _measure_kv_bytes(self) -> tuple[int, int]:
+        """(bytes one token adds to a row's cache, bytes of a row's states), read off a one-token
+        forward: every architecture's layers say for themselves what they store (heads, head sizes,
+        MLA's compressed keys, packing, state shapes)."""
         cache = self.new_cache(1)
         cache.layout.begin(mx.ones((1, 1), dtype=mx.bool_))
         self.forward_hidden(mx.zeros((1, 1), dtype=mx.int32), cache)
-        return int(sum((nbytes(c.keys) + nbytes(c.values)) // first(c.keys).shape[2] for c in cache.layers if c.keys is not None))
+        per_token = sum((nbytes(c.keys) + nbytes(c.values)) // first(c.keys).shape[2]
+                        for c in cache.kv_layers if c.keys is not None)
+        return int(per_token), int(sum(c.nbytes for c in cache.state_layers))
 
     def _hidden(self, tokens: mx.array, cache: BatchCache) -> mx.array:
         if self.fused is not None:
