@@ -37,6 +37,60 @@ def test_unknown_model_and_preset():
         models.local_path("definitely/not/a/thing.bin")
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in tmp_path, offline: nothing here may reach the network."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    for name, value in (("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    # huggingface_hub reads these once at import, which an earlier test may have done
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _cache_repo(cache, repo: str, sha: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A repo as snapshot_download leaves it: models--org--name/snapshots/<sha>/ and refs/main."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+@pytest.mark.parametrize("repo", ["org/Name-1.5B-4bit", "mlx-community/Llama-3.2-3B-Instruct-4bit",
+                                  "mlx-community/Qwen3-0.6B-4bit"])
+def test_hub_id_with_dots_resolves_from_the_cache_offline(offline_hub, repo):
+    snapshot = _cache_repo(offline_hub, repo)
+    assert models.local_path(repo) == snapshot
+
+
+def test_hub_id_not_cached_offline_names_the_repo_and_says_why(offline_hub):
+    with pytest.raises(ModelError, match=r"'org/Missing-1.5B-4bit'.*offline \(HF_HUB_OFFLINE=1\) and not in the "
+                                         r"Hugging Face cache"):
+        models.local_path("org/Missing-1.5B-4bit")
+
+
+def test_hub_errors_say_not_found_gated_or_unauthorized():
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    from mlxbatch.models.hub import fetch_error
+
+    response = SimpleNamespace(status_code=401, headers={}, request=None)
+    for exc, says in ((RepositoryNotFoundError("404", response=response), "no such repo"),
+                      (GatedRepoError("403", response=response), "the repo is gated"),
+                      (HfHubHTTPError("401", response=response), "unauthorized")):
+        message = str(fetch_error("org/Name-1.5B", exc))
+        assert "'org/Name-1.5B'" in message and says in message, message
+
+
 def test_dtype_auto_per_backend():
     assert models.resolve_dtype("auto") == {"cpu": "fp32", "cuda": "bf16", "metal": "native"}[models.backend()]
 

@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from mlxbatch import startup
 from mlxbatch.errors import ModelError, UsageError
-from mlxbatch.models import gguf
+from mlxbatch.models import gguf, hub
 from mlxbatch.models import tokenizer as tokenizers
 from mlxbatch.models import weights as weights_io
 from mlxbatch.types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job/spec.py needs no MLX)
@@ -283,27 +283,13 @@ def local_path(spec: str, *, dtype: str = "auto", progress: gguf.Progress | None
         if not (p / "config.json").exists():
             raise ModelError(f"{p}: not a model folder (no config.json)")
         return p
-    if p.suffix or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    # Any other `org/name` is a hub repo id, dots and all (Llama-3.2-3B, Qwen3-0.6B): the hub decides.
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelError(
             f"unknown model {spec!r}: expected a built-in name ({', '.join(BUILTINS)}), "
             "random:<preset>, a .gguf file, a local model folder or a Hugging Face repo id"
         )
-    return _hf_download(spec)
-
-
-# What mlx-lm's loader fetches of a hub repo (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS).
-HF_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
-               "*.jsonl", "*.jinja"]
-
-
-def _hf_download(repo: str) -> Path:
-    # huggingface_hub directly: mlx_lm.utils would import transformers
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=HF_PATTERNS))
-    except Exception as exc:
-        raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub: {exc}") from exc
+    return hub.download(spec)
 
 
 def _load_random(preset: str, *, weights: bool = True) -> tuple[nn.Module | None, object, dict, str]:
