@@ -327,7 +327,7 @@ def _check_kv_format(spec: JobSpec) -> None:
 
 def _model_config(spec: JobSpec) -> dict:
     if spec.model.startswith("random:"):
-        config = models.RANDOM_PRESETS.get(spec.model.split(":", 1)[1], {})
+        config = models.random_config(spec.model.split(":", 1)[1])  # an unknown preset or layer count: ModelError now
     else:
         path = models.local_path(spec.model, dtype=spec.dtype)  # what `load` reads next (cached)
         try:

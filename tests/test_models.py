@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import jinja2
 import jinja2.sandbox
@@ -168,6 +169,63 @@ def test_models_cli_list_and_info():
     assert r.exit_code == 0 and "random:tiny" in r.output
     r = cli("models", "info", "random:tiny")
     assert r.exit_code == 0 and "hidden_size: 128" in r.output
+
+
+# The fewest layers that keep every attention kind (gemma3: the 6th layer is its first global one).
+REAL_SHAPE_PRESETS = {"qwen3-4b": ("qwen3", 2), "qwen3-30b-a3b": ("qwen3_moe", 2), "gemma3-1b": ("gemma3_text", 6),
+                      "gemma3-4b": ("gemma3_text", 6), "gpt-oss-20b": ("gpt_oss", 2), "mistral-7b": ("llama", 2)}
+
+
+@pytest.mark.parametrize("preset", REAL_SHAPE_PRESETS)
+def test_real_shape_presets_build_their_mlx_lm_model_class_when_cut(preset):
+    """Built lazily (no weights are drawn): the full-size models are GBs."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxbatch.models.weights import model_classes
+
+    module, layers = REAL_SHAPE_PRESETS[preset]
+    full = models.RANDOM_PRESETS[preset]
+    config = models.random_config(f"{preset}:{layers}")
+    assert config["vocab_size"] == 49152 and config["num_hidden_layers"] == layers
+    assert {k: v for k, v in config.items() if k not in ("num_hidden_layers", "layer_types")} == \
+        {k: v for k, v in full.items() if k not in ("num_hidden_layers", "layer_types")}
+    model_cls, args_cls = model_classes(config)
+    assert model_cls.__module__ == f"mlx_lm.models.{module}"
+    model = model_cls(args_cls.from_dict(config))
+    assert len(model.layers) == layers and len(make_prompt_cache(model)) == layers
+
+
+def test_gpt_oss_cut_keeps_its_alternating_layer_types():
+    assert models.RANDOM_PRESETS["gpt-oss-20b"]["layer_types"][:4] == ["sliding_attention", "full_attention"] * 2
+    assert models.random_config("gpt-oss-20b:3")["layer_types"] == ["sliding_attention", "full_attention",
+                                                                     "sliding_attention"]
+    assert models.random_config("gpt-oss-20b") == models.RANDOM_PRESETS["gpt-oss-20b"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nope:2", "unknown random preset 'nope'"),
+    ("qwen3-4b:0", "from 1 to 36"), ("qwen3-4b:x", "from 1 to 36"), ("qwen3-4b:37", "from 1 to 36"),
+    ("qwen3-4b:", "from 1 to 36"),
+    ("gemma3-1b:5", "would drop its full_attention layers: cut it to 6 layers or more"),
+    ("gpt-oss-20b:1", "would drop its full_attention layers: cut it to 2 layers or more"),
+])
+def test_bad_preset_or_layer_count_is_a_model_error(spec, message):
+    with pytest.raises(ModelError, match=re.escape(message)):
+        models.random_config(spec)
+
+
+@pytest.mark.slow
+def test_a_cut_real_shape_preset_runs_a_job_through_the_cli(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Row {i}"}) + "\n" for i in range(2)))
+    res = cli("run", src, "-o", tmp_path / "o", "--model", "random:qwen3-4b:2", "--max-tokens", "4", "-q")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["r0", "r1"]
+    info = cli("models", "info", "random:qwen3-4b:2")
+    assert info.exit_code == 0 and "num_hidden_layers: 2" in info.output and "hidden_size: 2560" in info.output
+    bad = cli("run", src, "-o", tmp_path / "bad", "--model", "random:qwen3-4b:99", "-q")
+    assert bad.exit_code == 1 and "from 1 to 36" in bad.output, bad.output
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])

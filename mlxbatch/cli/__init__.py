@@ -237,7 +237,8 @@ def models_list() -> None:
         typer.echo(f"  {name:40s} {d['size_mb']:>8.1f} MB  {d['architecture']}, {d['quantization']}")
     if not rows:
         typer.echo("  (empty; `mlxbatch models pull smollm2-135m` fetches the default)")
-    typer.echo("random presets: " + ", ".join(f"random:{p}" for p in models.RANDOM_PRESETS))
+    typer.echo("random presets: " + ", ".join(f"random:{p}" for p in models.RANDOM_PRESETS)
+               + " (random:<preset>:<layers> keeps the first layers only)")
 
 
 class _ConvertProgress:
@@ -298,10 +299,7 @@ def models_info(name: str = typer.Argument(...), dtype: str = typer.Option("auto
     from mlxbatch import models
 
     if name.startswith("random:"):
-        preset = name.split(":", 1)[1]
-        if preset not in models.RANDOM_PRESETS:
-            raise models.ModelError(f"unknown random preset {preset!r}")
-        for k, v in models.RANDOM_PRESETS[preset].items():
+        for k, v in models.random_config(name.split(":", 1)[1]).items():
             typer.echo(f"{k}: {v}")
         return
     for k, v in models.describe(models.local_path(name, dtype=dtype)).items():

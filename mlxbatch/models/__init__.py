@@ -28,6 +28,7 @@ from mlxbatch.errors import ModelError, UsageError
 from mlxbatch.models import gguf, hub
 from mlxbatch.models import tokenizer as tokenizers
 from mlxbatch.models import weights as weights_io
+from mlxbatch.models.presets import RANDOM_PRESETS, random_config  # noqa: F401  (the package's names)
 from mlxbatch.types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job/spec.py needs no MLX)
 
 _FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
@@ -65,24 +66,6 @@ BUILTINS = {
         "is_native": False,  # K-quants: dequantized, so one folder per storage dtype
     },
 }
-
-_LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 49152}
-# Shapes of named architectures; all use SmolLM2's tokenizer (hence its vocab).
-RANDOM_PRESETS = {
-    "tiny": dict(_LLAMA, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                 tie_word_embeddings=False),  # untied: tied random weights just repeat the last token
-    "smollm2-135m": dict(_LLAMA, hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
-                         max_position_embeddings=8192, tie_word_embeddings=True),
-    "llama-1b": dict(_LLAMA, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                     max_position_embeddings=131072, tie_word_embeddings=True),
-    "llama-8b": dict(_LLAMA, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                     max_position_embeddings=131072, tie_word_embeddings=False),
-}
-
 
 @dataclass
 class LoadedModel:
@@ -293,9 +276,7 @@ def local_path(spec: str, *, dtype: str = "auto", progress: gguf.Progress | None
 
 
 def _load_random(preset: str, *, weights: bool = True) -> tuple[nn.Module | None, object, dict, str]:
-    if preset not in RANDOM_PRESETS:
-        raise ModelError(f"unknown random preset {preset!r} (presets: {', '.join(RANDOM_PRESETS)})")
-    config = dict(RANDOM_PRESETS[preset])
+    config = random_config(preset)
     model = None
     if weights:
         model_cls, args_cls = weights_io.model_classes(config)
