@@ -325,10 +325,7 @@ def _check_model(spec: JobSpec) -> None:
 
 def _model_config(spec: JobSpec) -> dict:
     if spec.model.startswith("random:"):
-        try:
-            config = models.random_config(spec.model.split(":", 1)[1])
-        except ModelError:
-            return {}  # `load` says what is wrong with the name
+        config = models.random_config(spec.model.split(":", 1)[1])  # an unknown preset or layer count: ModelError now
     else:
         path = models.local_path(spec.model, dtype=spec.dtype)  # what `load` reads next (cached)
         try:

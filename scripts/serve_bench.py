@@ -55,7 +55,7 @@ def materialize(spec: str, dtype: str, dest: Path) -> Path:
     lm = models.load(spec, dtype=dtype)
     dest.mkdir(parents=True, exist_ok=True)
     if lm.is_random:
-        config, tok_dir = dict(models.RANDOM_PRESETS[spec.split(":", 1)[1]]), models.random_tokenizer_dir()
+        config, tok_dir = models.random_config(spec.split(":", 1)[1]), models.random_tokenizer_dir()
     else:
         config, tok_dir = json.loads((lm.path / "config.json").read_text()), lm.path
     for key in ("quantization", "quantization_config"):

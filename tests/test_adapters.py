@@ -165,6 +165,20 @@ def test_rows_share_a_prefix_only_with_their_adapter():
     assert any(u.prefix_len == 60 and len(u.requests) == 2 for u in units)  # the two rows of adapter 1
 
 
+def test_removing_a_waiting_row_with_an_adapter_takes_out_that_row_only():
+    """remove() finds a row by the key add() sorted it under (tagged for adapters other than the first)."""
+    s = Scheduler()
+    tokens = list(range(100, 160))
+    for key, adapter in (("a1", 1), ("b0", 0), ("c2", 2), ("d1", 1)):
+        s.add(Request(key, tokens + [len(key)], SamplingParams(), adapter=adapter))
+    assert s.remove("a1") and s.remove("c2") and not s.remove("a1")
+    assert len(s._sorted) == len(s) == 2  # no entry left behind for a removed row
+    taken = []
+    while len(s):
+        taken += [r.key for r in s.next_unit(max_rows=8, max_prefill_tokens=10_000).requests]
+    assert sorted(taken) == ["b0", "d1"]
+
+
 def test_dense_and_gather_agree(base, random_adapters):
     pairs = [("a", str(random_adapters["a"])), ("d", str(random_adapters["d"]))]
     lm = with_adapters(models.load(str(base.path), dtype="fp32"), pairs)

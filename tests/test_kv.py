@@ -5,6 +5,7 @@ and an injected MLX allocation failure at any step leaves every row done once, a
 from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 import orjson
 import pytest
 from conftest import cli, read_jsonl, write_jsonl
@@ -110,20 +111,67 @@ def test_bad_formats_are_refused():
     assert make(16) is None and make(None) is None
 
 
+class _Forced:
+    """A stand-in grammar that allows only the next token of a fixed sequence: teacher forcing,
+    so the packed run reads the same contexts as the uncompressed one (no divergence cascade)."""
+
+    def __init__(self, tokens: list[int], num_words: int):
+        self.tokens, self.num_words, self.pos = tokens, num_words, 0
+
+    def masks(self, guided: list, batch: int) -> np.ndarray:
+        out = np.full((batch, self.num_words), 0xFFFFFFFF, dtype=np.uint32)
+        for i, g in guided:
+            out[i] = 0
+            token = g.tokens[g.pos]
+            out[i, token // 32] = np.uint32(1 << (token % 32))
+        return out
+
+    def consume(self, token: int) -> bool:
+        self.pos += 1
+        return self.pos >= len(self.tokens)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+CLEAR_MARGIN = 1.0  # nats between the top two tokens: measured 8-bit KV moves a log-probability by <= 0.13
+MAX_LOGPROB_SHIFT = 0.5  # a wrong scale or bit width moves them by several nats
+
+
+def _forced_steps(base: dict, packed: dict, forced: list, group) -> tuple[list, int]:
+    """Each step's log-probability shift, and how many steps had a clear top token (checked kept)."""
+    shifts, clear = [], 0
+    for r in forced:
+        a, b = base[r.key], packed[r.key]
+        assert b.tokens == a.tokens, r.key  # the forcing held
+        for (token, lp_a, top_a), (_, lp_b, top_b) in zip(a.logprobs, b.logprobs, strict=True):
+            shifts.append(abs(lp_a - lp_b))
+            if top_a[0][1] - top_a[1][1] > CLEAR_MARGIN:
+                clear += 1
+                assert top_b[0][0] == token, (r.key, group, top_a, top_b)
+    return shifts, clear
+
+
 @pytest.mark.realmodel
 @pytest.mark.slow
-def test_8bit_greedy_agrees_with_the_uncompressed_engine_on_the_embedded_model(smol):
-    """Measured (CPU, float32, 24 prompts x 32 tokens, 477 tokens): groups of 32, 445 = 93.3%
-    (23 of 24 rows identical; the other differs from its first token, a near tie); groups of 64
-    (the default), 421 = 88.3% (22 of 24 rows identical)."""
-    reqs = [Request(i, p, SamplingParams(max_tokens=32)) for i, p in enumerate(varied_prompts(smol, 24))]
+def test_8bit_kv_keeps_the_embedded_models_next_token_distribution(smol):
+    """Teacher-forced on the uncompressed engine's greedy tokens (24 prompts x 32 tokens): every
+    step's log-probability stays within MAX_LOGPROB_SHIFT, and where the uncompressed top token
+    wins by a clear margin the packed engine's top token is the same. Free-running greedy agreement
+    is not asserted: it turns on near ties (margins of 0.001 nats here) that the CPU's BLAS decides."""
+    prompts = varied_prompts(smol, 24)
+    reqs = [Request(i, p, SamplingParams(max_tokens=32, logprobs=2)) for i, p in enumerate(prompts)]
     base, _ = run_engine(smol, reqs, max_batch=24)
-    total = sum(len(base[r.key].tokens) for r in reqs)
-    for group, least in ((32, 0.9), (None, 0.85)):
-        packed, _ = run_engine(smol, reqs, max_batch=24, kv_bits=8, kv_group_size=group)
-        same = sum(a == b for r in reqs for a, b in zip(base[r.key].tokens, packed[r.key].tokens))
-        print(f"8-bit KV, groups of {group or 64}: greedy agreement {same}/{total} = {same / total:.3f}")
-        assert same / total >= least, group
+    num_words = -(-len(smol.tokenizer) // 32)  # a bit for every token id, added ones too
+    for group in (32, None):
+        forced = [Request(r.key, r.tokens, r.params, guide=_Forced(base[r.key].tokens, num_words))
+                  for r in reqs if base[r.key].tokens]
+        packed, _ = run_engine(smol, forced, max_batch=24, kv_bits=8, kv_group_size=group)
+        shifts, clear = _forced_steps(base, packed, forced, group)
+        print(f"8-bit KV, groups of {group or 64}: {len(shifts)} steps, {clear} with a clear margin, "
+              f"largest log-probability shift {max(shifts):.3f}")
+        assert max(shifts) <= MAX_LOGPROB_SHIFT, group
+        assert clear >= len(shifts) // 2, (clear, len(shifts))  # the top-token check is not vacuous
 
 
 # ------------------------------------------------------------ out of memory

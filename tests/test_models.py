@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import jinja2
 import jinja2.sandbox
@@ -35,6 +36,60 @@ def test_unknown_model_and_preset():
         models.load("random:nope")
     with pytest.raises(ModelError, match="unknown model"):
         models.local_path("definitely/not/a/thing.bin")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in tmp_path, offline: nothing here may reach the network."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    for name, value in (("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    # huggingface_hub reads these once at import, which an earlier test may have done
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _cache_repo(cache, repo: str, sha: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A repo as snapshot_download leaves it: models--org--name/snapshots/<sha>/ and refs/main."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+@pytest.mark.parametrize("repo", ["org/Name-1.5B-4bit", "mlx-community/Llama-3.2-3B-Instruct-4bit",
+                                  "mlx-community/Qwen3-0.6B-4bit"])
+def test_hub_id_with_dots_resolves_from_the_cache_offline(offline_hub, repo):
+    snapshot = _cache_repo(offline_hub, repo)
+    assert models.local_path(repo) == snapshot
+
+
+def test_hub_id_not_cached_offline_names_the_repo_and_says_why(offline_hub):
+    with pytest.raises(ModelError, match=r"'org/Missing-1.5B-4bit'.*offline \(HF_HUB_OFFLINE=1\) and not in the "
+                                         r"Hugging Face cache"):
+        models.local_path("org/Missing-1.5B-4bit")
+
+
+def test_hub_errors_say_not_found_gated_or_unauthorized():
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    from mlxbatch.models.hub import fetch_error
+
+    response = SimpleNamespace(status_code=401, headers={}, request=None)
+    for exc, says in ((RepositoryNotFoundError("404", response=response), "no such repo"),
+                      (GatedRepoError("403", response=response), "the repo is gated"),
+                      (HfHubHTTPError("401", response=response), "unauthorized")):
+        message = str(fetch_error("org/Name-1.5B", exc))
+        assert "'org/Name-1.5B'" in message and says in message, message
 
 
 def test_dtype_auto_per_backend():
@@ -114,6 +169,63 @@ def test_models_cli_list_and_info():
     assert r.exit_code == 0 and "random:tiny" in r.output
     r = cli("models", "info", "random:tiny")
     assert r.exit_code == 0 and "hidden_size: 128" in r.output
+
+
+# The fewest layers that keep every attention kind (gemma3: the 6th layer is its first global one).
+REAL_SHAPE_PRESETS = {"qwen3-4b": ("qwen3", 2), "qwen3-30b-a3b": ("qwen3_moe", 2), "gemma3-1b": ("gemma3_text", 6),
+                      "gemma3-4b": ("gemma3_text", 6), "gpt-oss-20b": ("gpt_oss", 2), "mistral-7b": ("llama", 2)}
+
+
+@pytest.mark.parametrize("preset", REAL_SHAPE_PRESETS)
+def test_real_shape_presets_build_their_mlx_lm_model_class_when_cut(preset):
+    """Built lazily (no weights are drawn): the full-size models are GBs."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxbatch.models.weights import model_classes
+
+    module, layers = REAL_SHAPE_PRESETS[preset]
+    full = models.RANDOM_PRESETS[preset]
+    config = models.random_config(f"{preset}:{layers}")
+    assert config["vocab_size"] == 49152 and config["num_hidden_layers"] == layers
+    assert {k: v for k, v in config.items() if k not in ("num_hidden_layers", "layer_types")} == \
+        {k: v for k, v in full.items() if k not in ("num_hidden_layers", "layer_types")}
+    model_cls, args_cls = model_classes(config)
+    assert model_cls.__module__ == f"mlx_lm.models.{module}"
+    model = model_cls(args_cls.from_dict(config))
+    assert len(model.layers) == layers and len(make_prompt_cache(model)) == layers
+
+
+def test_gpt_oss_cut_keeps_its_alternating_layer_types():
+    assert models.RANDOM_PRESETS["gpt-oss-20b"]["layer_types"][:4] == ["sliding_attention", "full_attention"] * 2
+    assert models.random_config("gpt-oss-20b:3")["layer_types"] == ["sliding_attention", "full_attention",
+                                                                     "sliding_attention"]
+    assert models.random_config("gpt-oss-20b") == models.RANDOM_PRESETS["gpt-oss-20b"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nope:2", "unknown random preset 'nope'"),
+    ("qwen3-4b:0", "from 1 to 36"), ("qwen3-4b:x", "from 1 to 36"), ("qwen3-4b:37", "from 1 to 36"),
+    ("qwen3-4b:", "from 1 to 36"),
+    ("gemma3-1b:5", "would drop its full_attention layers: cut it to 6 layers or more"),
+    ("gpt-oss-20b:1", "would drop its full_attention layers: cut it to 2 layers or more"),
+])
+def test_bad_preset_or_layer_count_is_a_model_error(spec, message):
+    with pytest.raises(ModelError, match=re.escape(message)):
+        models.random_config(spec)
+
+
+@pytest.mark.slow
+def test_a_cut_real_shape_preset_runs_a_job_through_the_cli(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Row {i}"}) + "\n" for i in range(2)))
+    res = cli("run", src, "-o", tmp_path / "o", "--model", "random:qwen3-4b:2", "--max-tokens", "4", "-q")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["r0", "r1"]
+    info = cli("models", "info", "random:qwen3-4b:2")
+    assert info.exit_code == 0 and "num_hidden_layers: 2" in info.output and "hidden_size: 2560" in info.output
+    bad = cli("run", src, "-o", tmp_path / "bad", "--model", "random:qwen3-4b:99", "-q")
+    assert bad.exit_code == 1 and "from 1 to 36" in bad.output, bad.output
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])

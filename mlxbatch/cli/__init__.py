@@ -237,7 +237,8 @@ def models_list() -> None:
         typer.echo(f"  {name:40s} {d['size_mb']:>8.1f} MB  {d['architecture']}, {d['quantization']}")
     if not rows:
         typer.echo("  (empty; `mlxbatch models pull smollm2-135m` fetches the default)")
-    typer.echo("random presets: " + ", ".join(f"random:{p}" for p in models.RANDOM_PRESETS))
+    typer.echo("random presets: " + ", ".join(f"random:{p}" for p in models.RANDOM_PRESETS)
+               + " (random:<preset>:<layers> keeps the first layers only)")
 
 
 class _ConvertProgress:

@@ -73,7 +73,8 @@ class Scheduler:
         if seq is None:
             return False
         request = self._waiting.pop(seq)
-        self._sorted.pop(bisect.bisect_left(self._sorted, (token_key(request.tokens), seq)))
+        # The key add() sorted it under: tagged for adapters, else another row's entry would go.
+        self._sorted.pop(bisect.bisect_left(self._sorted, (request_key(request.tokens, request.adapter), seq)))
         return True
 
     def next_unit(self, *, max_rows: int, max_prefill_tokens: int) -> Unit | None:

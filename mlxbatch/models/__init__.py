@@ -25,9 +25,10 @@ import mlx.nn as nn
 
 from mlxbatch import startup
 from mlxbatch.errors import ModelError, UsageError
-from mlxbatch.models import gguf
+from mlxbatch.models import gguf, hub
 from mlxbatch.models import tokenizer as tokenizers
 from mlxbatch.models import weights as weights_io
+from mlxbatch.models.presets import RANDOM_PRESETS, random_config  # noqa: F401  (the package's names)
 from mlxbatch.types import DEFAULT_MODEL, DTYPES  # noqa: F401  (defined in the leaf so job/spec.py needs no MLX)
 
 _FLOAT_DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
@@ -65,48 +66,6 @@ BUILTINS = {
         "is_native": False,  # K-quants: dequantized, so one folder per storage dtype
     },
 }
-
-_LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 49152}
-_QWEN3 = {"model_type": "qwen3", "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "vocab_size": 49152,
-          "max_position_embeddings": 40960}
-_GEMMA3 = {"model_type": "gemma3_text", "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "vocab_size": 49152,
-           "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256, "sliding_window_pattern": 6,
-           "max_position_embeddings": 32768}
-# Shapes of named architectures (random weights at real sizes, for benchmarks anyone can repeat);
-# all use SmolLM2's tokenizer (hence its vocab). `random:NAME:LAYERS` keeps the first LAYERS layers.
-RANDOM_PRESETS = {
-    "tiny": dict(_LLAMA, hidden_size=128, num_hidden_layers=4, intermediate_size=256,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                 tie_word_embeddings=False),  # untied: tied random weights just repeat the last token
-    "smollm2-135m": dict(_LLAMA, hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
-                         max_position_embeddings=8192, tie_word_embeddings=True),
-    "llama-1b": dict(_LLAMA, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                     max_position_embeddings=131072, tie_word_embeddings=True),
-    "llama-8b": dict(_LLAMA, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                     max_position_embeddings=131072, tie_word_embeddings=False),
-    "mistral-7b": dict(_LLAMA, model_type="mistral", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-                       num_attention_heads=32, num_key_value_heads=8, rope_theta=1e6, max_position_embeddings=32768,
-                       tie_word_embeddings=False),
-    "qwen3-4b": dict(_QWEN3, hidden_size=2560, num_hidden_layers=36, intermediate_size=9728, num_attention_heads=32,
-                     num_key_value_heads=8, tie_word_embeddings=True),
-    "qwen3-30b-a3b": dict(_QWEN3, model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, intermediate_size=6144,
-                          num_attention_heads=32, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8,
-                          moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
-                          tie_word_embeddings=False),
-    "gemma3-1b": dict(_GEMMA3, hidden_size=1152, num_hidden_layers=26, intermediate_size=6912, num_attention_heads=4,
-                      num_key_value_heads=1, sliding_window=512),
-    "gemma3-4b": dict(_GEMMA3, hidden_size=2560, num_hidden_layers=34, intermediate_size=10240, num_attention_heads=8,
-                      num_key_value_heads=4, sliding_window=1024),
-    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=49152, hidden_size=2880, num_hidden_layers=24,
-                        intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
-                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128, rope_theta=150000,
-                        rms_norm_eps=1e-5, layer_types=["sliding_attention", "full_attention"] * 12,
-                        max_position_embeddings=131072),
-}
-
 
 @dataclass
 class LoadedModel:
@@ -307,43 +266,13 @@ def local_path(spec: str, *, dtype: str = "auto", progress: gguf.Progress | None
         if not (p / "config.json").exists():
             raise ModelError(f"{p}: not a model folder (no config.json)")
         return p
-    if p.suffix or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    # Any other `org/name` is a hub repo id, dots and all (Llama-3.2-3B, Qwen3-0.6B): the hub decides.
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelError(
             f"unknown model {spec!r}: expected a built-in name ({', '.join(BUILTINS)}), "
             "random:<preset>, a .gguf file, a local model folder or a Hugging Face repo id"
         )
-    return _hf_download(spec)
-
-
-# What mlx-lm's loader fetches of a hub repo (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS).
-HF_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
-               "*.jsonl", "*.jinja"]
-
-
-def _hf_download(repo: str) -> Path:
-    # huggingface_hub directly: mlx_lm.utils would import transformers
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=HF_PATTERNS))
-    except Exception as exc:
-        raise ModelError(f"could not fetch {repo!r} from the Hugging Face hub: {exc}") from exc
-
-
-def random_config(preset: str) -> dict:
-    """A preset's config; `NAME:LAYERS` cuts it to its first LAYERS layers (a smaller machine's run)."""
-    name, _, layers = preset.partition(":")
-    if name not in RANDOM_PRESETS:
-        raise ModelError(f"unknown random preset {name!r} (presets: {', '.join(RANDOM_PRESETS)})")
-    config = dict(RANDOM_PRESETS[name])
-    if layers:
-        least = config.get("sliding_window_pattern", 1)  # gemma 3 reads its first global layer's cache
-        if not layers.isdigit() or not least <= int(layers) <= config["num_hidden_layers"]:
-            raise ModelError(f"random:{preset}: the layer count must be {least}..{config['num_hidden_layers']}")
-        config["num_hidden_layers"] = int(layers)
-        if "layer_types" in config:
-            config["layer_types"] = config["layer_types"][: int(layers)]
-    return config
+    return hub.download(spec)
 
 
 def _load_random(preset: str, *, weights: bool = True) -> tuple[nn.Module | None, object, dict, str]:
