@@ -91,6 +91,15 @@ def prefix_requests() -> list[Request]:
             for i, n in enumerate((1, 3, 6, 10, 17))]
 
 
+def groups_requests() -> list[Request]:
+    """Two shared prefixes (of 40 and 24 tokens), their rows decoding side by side in one batch:
+    each row attends to its own group's stored prefix only (and, on sliding layers, its window of it)."""
+    rng = random.Random(4)
+    a, b = _tokens(rng, 40), _tokens(rng, 24)
+    return [Request(i, (a if i % 2 else b) + _tokens(rng, n), SamplingParams(max_tokens=MAX_TOKENS))
+            for i, n in enumerate((2, 5, 9, 4, 14, 7))]
+
+
 def joining_requests() -> list[Request]:
     rng = random.Random(3)
     lengths = (3, 7, 12, 18, 25, 33, 9, 40)
@@ -215,7 +224,8 @@ def test_rotating_reference_agrees(arch):
 
 # ---------------------------------------------------------------- scenarios
 
-SCENARIOS = ["mixed", "mixed-bucketed", "prefix", "prefix-bucketed", "joining", "joining-bucketed", "q4", "kv8"]
+SCENARIOS = ["mixed", "mixed-bucketed", "prefix", "prefix-bucketed", "groups", "groups-bucketed", "joining",
+             "joining-bucketed", "q4", "kv8"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -231,6 +241,9 @@ def test_conformance(arch, scenario):
         assert_matches(arch, reqs, run_engine(loaded(arch), reqs, max_batch=8, options=options))
     elif kind == "prefix":
         reqs = prefix_requests()
+        assert_matches(arch, reqs, run_engine(loaded(arch), reqs, max_batch=8, prefill_chunk=16, options=options))
+    elif kind == "groups":  # a unit per prefix, so both groups decode in one batch
+        reqs = groups_requests()
         assert_matches(arch, reqs, run_engine(loaded(arch), reqs, max_batch=8, prefill_chunk=16, options=options))
     elif kind == "joining":
         reqs = joining_requests()

@@ -46,11 +46,12 @@ def attend(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions
 
 
 def attend_heads(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendOptions, layer: int,
-                 sinks: mx.array | None = None) -> mx.array:
+                 sinks: mx.array | None = None, prefix_mask: list | None = None) -> mx.array:
     """Attention output [B, H, L, D] of queries q [B, H, L, D] over the row's own keys/values
     k, v [B, Hkv, S, D] (mask: bool or additive, [B, 1, L|1, S]) and, for rows in a group, the
     group's stored prefix (`groups`: a GroupPlan, or None); `sinks` [H]: per-head logits that
-    join every softmax's denominator (gpt-oss)."""
+    join every softmax's denominator (gpt-oss); `prefix_mask`: [] or a sliding-window layer's mask of
+    the shared prefixes (LayerCache._prefix_window), which also takes the blocked form's group mask."""
     B, H, L, D = q.shape
     if groups is None:
         if is_packed(k):
@@ -59,12 +60,14 @@ def attend_heads(q, k, v, *, scale: float, mask: mx.array, groups, opts: AttendO
             return _one_query(q, k, v, scale, mask, opts, sinks).reshape(B, H, 1, -1)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
     extra = [] if sinks is None else [sinks]
+    windowed = bool(prefix_mask)
     # Dozens of small operations per layer: replayed from one compiled call where shapes hold.
-    if L == 1 and B * H * groups.total_length <= opts.max_blocked_scores:
-        fn = groups.function(scale, opts, compiled=opts.compiled, blocked=True)
-        return fn(q, k, v, mask, groups.joined(layer), groups.block_mask, extra)
-    fn = groups.function(scale, opts, compiled=opts.compiled and L == 1, blocked=False)
-    return fn(q, k, v, mask, [p.kv[layer] for p in groups.prefixes], groups.rows, groups.perm, extra)
+    # A window's prefix mask is laid out for the blocked form, which one query a row then always takes.
+    if L == 1 and (windowed or B * H * groups.total_length <= opts.max_blocked_scores):
+        fn = groups.function(scale, opts, compiled=opts.compiled, blocked=True, windowed=windowed)
+        return fn(q, k, v, mask, groups.joined(layer), prefix_mask or groups.block_mask, extra)
+    fn = groups.function(scale, opts, compiled=opts.compiled and L == 1, blocked=False, windowed=windowed)
+    return fn(q, k, v, mask, [p.kv[layer] for p in groups.prefixes], groups.rows, groups.perm, extra, prefix_mask or [])
 
 
 def blocked_cascade(q, k, v, mask, kv, block_mask, sinks, *, scale: float, opts: AttendOptions) -> mx.array:
@@ -91,8 +94,8 @@ def blocked_cascade(q, k, v, mask, kv, block_mask, sinks, *, scale: float, opts:
     return _merge(own, shared, sink=_sink(sinks, Hkv, 1)).astype(q.dtype).reshape(B, H, 1, D)
 
 
-def cascade(q, k, v, mask, kvs, rows, perm, sinks, *, scale: float, opts: AttendOptions, has_rows: tuple,
-            num_ungrouped: int) -> mx.array:
+def cascade(q, k, v, mask, kvs, rows, perm, sinks, prefix_mask, *, scale: float, opts: AttendOptions,
+            has_rows: tuple, num_ungrouped: int) -> mx.array:
     """Own columns and shared prefixes, merged; `kvs` per group, `rows` for groups that are
     not the whole batch in order (`has_rows`), `perm` ([] or [batch row -> part position])."""
     B, H, L, D = q.shape
@@ -100,7 +103,8 @@ def cascade(q, k, v, mask, kvs, rows, perm, sinks, *, scale: float, opts: Attend
     own = _part(qg, k, v, scale, mask, opts, many=L > 1)
     row_iter = iter(rows)
     picked = [next(row_iter) if r else None for r in has_rows]
-    shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts, many=L > 1)
+    shared = _shared(qg, kvs, picked, num_ungrouped, perm[0] if perm else None, scale, opts, many=L > 1,
+                     mask=prefix_mask[0] if prefix_mask else None)
     merged = _merge(own, shared, sink=_sink(sinks, first(k).shape[1], L))
     return merged.astype(q.dtype).reshape(B, H, L, D)
 
@@ -147,26 +151,27 @@ def _one_query(q, k, v, scale, mask, opts, sinks=None):
     return mx.softmax(scores, axis=-1, precise=True) @ v
 
 
-def _part(qg, k, v, scale: float, mask, opts, many: bool = False):
+def _part(qg, k, v, scale: float, mask, opts, many: bool = False, guard: bool = False):
     """Unnormalised softmax part: (p @ v, row max, row sum), scores in float32."""
     if mask is None:
         s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale
     else:
         s = scores(qg, k, opts.kv, many).astype(mx.float32) * scale + mask
     m = mx.max(s, axis=-1, keepdims=True)
-    p = mx.exp(s - m)
+    p = mx.exp(s - (mx.where(m == -mx.inf, 0, m) if guard else m))  # guard: a row may see none of a prefix
     return weighted(p, v, opts.kv, many), m, mx.sum(p, axis=-1, keepdims=True)
 
 
-def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts, many: bool = False):
-    """The shared-prefix part of every row (rows outside any group contribute nothing)."""
+def _shared(qg, kvs, rows, num_ungrouped: int, perm, scale: float, opts, many: bool = False, mask=None):
+    """The shared-prefix part of every row (rows outside any group contribute nothing); `mask`: a
+    sliding window's, for one group that is every row ([1, 1, B * M, P])."""
     _, Hkv, M, D = qg.shape
     outs, maxes, sums = [], [], []
     for (pk, pv), picked in zip(kvs, rows):
         qr = qg if picked is None else qg[picked]
         n = qr.shape[0]
         stacked = qr.transpose(1, 0, 2, 3).reshape(1, Hkv, n * M, D)  # all rows of the group in one matmul
-        o, m, s = _part(stacked, pk, pv, scale, None, opts, many)
+        o, m, s = _part(stacked, pk, pv, scale, mask, opts, many, guard=mask is not None)
         outs.append(_unstack(o, n))
         maxes.append(_unstack(m, n))
         sums.append(_unstack(s, n))

@@ -69,6 +69,8 @@ class GroupPlan:
         order = [r for g in used for r in members[g]] + members.get(-1, [])
         self.perm = [] if order == list(range(len(order))) else [_inverse(order)]
         self.block_mask = [] if self.is_whole else [self._block_mask(row_group)]
+        starts = [sum(p.length for p in prefixes[:g]) for g in range(len(prefixes))]
+        self.row_start = mx.array([starts[g] if g >= 0 else 0 for g in row_group], dtype=mx.int32)
         same = previous is not None and len(previous.prefixes) == len(prefixes) and all(
             a is b for a, b in zip(previous.prefixes, prefixes))
         self._joined: dict = previous._joined if same else {}  # per layer: the prefixes side by side
@@ -98,11 +100,18 @@ class GroupPlan:
     def joined_bytes(self) -> int:
         return sum(nbytes(k) + nbytes(v) for k, v in self._joined.values())
 
-    def function(self, scale: float, opts, *, compiled: bool, blocked: bool):
-        key = (scale, opts, compiled, blocked)
+    def function(self, scale: float, opts, *, compiled: bool, blocked: bool, windowed: bool = False):
+        key = (scale, opts, compiled, blocked, windowed)  # windowed: a separate trace (its masks are inputs)
         if key not in self._functions:
             self._functions[key] = cascade_function(self, scale, opts, compiled=compiled, blocked=blocked)
         return self._functions[key]
+
+    def window_mask(self, offset: mx.array, L: int, window: int) -> mx.array:
+        """[B, L, total] additive float32: for a sliding-window layer, the query at position p of a
+        row sees its group's prefix column j (position j) only while p - j < window."""
+        cols = mx.arange(self.total_length)[None, None, :] - self.row_start[:, None, None]
+        q = offset[:, None, None] + mx.arange(L)[None, :, None]
+        return mx.where(q - cols < window, 0.0, -mx.inf).astype(mx.float32)
 
 
 def _concat_cols(xs: list):
@@ -129,6 +138,7 @@ class Layout:
         self.offset = mx.zeros((batch,), dtype=mx.int32)  # RoPE position of the next column
         self.idx = 0  # columns in use
         self.full_buffer = fmt.full_buffer
+        self.memo: dict = {}  # what every layer of one forward shares (sliding-window prefix masks)
         self.groups: list[SharedPrefix] = []
         self.row_group = [-1] * batch  # index into groups, -1: none
         self._plan: GroupPlan | None | bool = False  # False: not built yet
@@ -180,10 +190,12 @@ class Layout:
     def begin(self, valid_cols: mx.array) -> None:
         """Declare which of the next columns are real for each row, before a forward."""
         self.valid = mx.concatenate([self.valid, valid_cols], axis=1)
+        self.memo = {}
 
     def end(self, num_cols: int) -> None:
         self.idx += num_cols
         self.offset = self.offset + num_cols
+        self.memo = {}
 
 
 class LayerCache:
@@ -216,8 +228,29 @@ class LayerCache:
 
     def attend(self, queries, keys, values, *, scale: float, mask, sinks=None) -> mx.array:
         """mlx-lm's scaled_dot_product_attention over this cache: [B, H, L, D]."""
-        return attend_heads(queries, keys, values, scale=scale, mask=mask, groups=self.layout.plan,
-                            opts=self.layout.attend, layer=self.index, sinks=sinks)
+        plan = self.layout.plan
+        prefix_mask = self._prefix_window(plan, queries.shape) if plan is not None and self.window else []
+        return attend_heads(queries, keys, values, scale=scale, mask=mask, groups=plan, opts=self.layout.attend,
+                            layer=self.index, sinks=sinks, prefix_mask=prefix_mask)
+
+    def _prefix_window(self, plan: GroupPlan, q_shape) -> list:
+        """A sliding-window layer's mask of the shared prefixes, laid out as the cascade reads them:
+        one query a row, [1, B, 1, total] with the other groups masked too; a prefill chunk (its
+        unit's rows are one group), [1, 1, B * G * L, P] in the stacked order (row, head in group, query)."""
+        B, H, L, _ = q_shape
+        memo = self.layout.memo
+        key = ("window", self.window, L)
+        if key not in memo:
+            m = plan.window_mask(self.layout.offset, L, self.window)
+            if L == 1:
+                m = m[None] + (plan.block_mask[0] if plan.block_mask else 0)
+            elif plan.is_whole:
+                G = H // first(self.keys).shape[1]
+                m = mx.broadcast_to(m[:, None], (B, G, L, m.shape[-1])).reshape(1, 1, B * G * L, -1)
+            else:
+                raise RuntimeError("a prefill chunk's rows share one prefix")
+            memo[key] = m
+        return [memo[key]]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         start, n = self.layout.idx, keys.shape[2]

@@ -143,14 +143,14 @@ class ModelRunner:
         self.plan = (DecodePlan.build(model, self.fused, self.options.attend, bucketed=self.options.full_buffer,
                                       use_addmm=self.options.use_addmm, dense_q=self.options.dense_q)
                      if self.options.compiled_decode else None)
-        # Cascade attention: in our own layer loop, or through mlx-lm's attention call; a sliding
-        # window would need the prefix masked per row (not done: such prefixes are copied per row).
-        self.can_share_prefix = (self.options.shared_prefix and (self.fused is not None or self.routes_attention)
-                                 and not any(windows))
         # A state layer's convolution window would slide over pads in the middle of a row (after a
         # copied prefix, before a shorter suffix): such models compute whole prompts, left-padded,
         # unless a unit's suffixes have one length (no pads: core.Engine._reuses_prefix).
         self.has_state = any(isinstance(w, StateLayer) for w in windows)
+        # Cascade attention: in our own layer loop, or through mlx-lm's attention call (sliding-window
+        # layers mask the shared prefix per row); a state cannot be stored once for a group.
+        self.can_share_prefix = (self.options.shared_prefix and (self.fused is not None or self.routes_attention)
+                                 and not self.has_state)
         self.can_reuse_prefix = not self.has_state
         self.num_layers = len(windows)
         self.cache_format = CacheFormat(windows, full_buffer=self.options.full_buffer, kv=self.options.kv,
