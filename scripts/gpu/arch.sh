@@ -2,7 +2,7 @@
 # Issue 29 on a lent NVIDIA GPU: parallm-325 and shared-prefix against mlx-lm's batch_generate on
 # the random presets at real shapes (bf16), one process per run, raw JSON under $OUT/arch.
 # Setup as scripts/gpu_bench.sh (chunks from scripts/gpu/bundle.sh in ~/gpu).
-# usage: OUT=/tmp/out bash scripts/gpu/arch.sh PART     PART: a | b | c (each under ~10 minutes)
+# usage: OUT=/tmp/out bash scripts/gpu/arch.sh PART     PART: a | b | c | d (each under ~10 minutes)
 #        SMALL=1 OUT=/tmp/a bash scripts/gpu/arch.sh a   (a CPU check: cut presets, tiny counts)
 set -uo pipefail
 out=${OUT:-/tmp/out}/arch; mkdir -p "$out"
@@ -22,6 +22,8 @@ case "${1:-a}" in
   b) runs=("parallm-325 random:qwen3-30b-a3b" "parallm-325 random:gpt-oss-20b" "shared-prefix random:mistral-7b") ;;
   c) runs=("parallm-325 random:llama-8b" "parallm-325 random:llama-1b" "shared-prefix random:llama-1b"
            "shared-prefix random:qwen3-30b-a3b" "shared-prefix random:gpt-oss-20b") ;;
+  d) runs=("shared-prefix random:gemma3-1b" "parallm-325 random:gemma3-1b")
+     $py scripts/moe_probe.py --rows 64,325 --json > "$out/moe_probe.txt" 2>&1; cat "$out/moe_probe.txt" | head -4 ;;
 esac
 extra=()
 if [ "${SMALL:-0}" = 1 ]; then
