@@ -228,8 +228,12 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
     _run_mlxbatch(lm, messages, max_tokens, batch)
     results = {"mlxbatch": _median_run(_run_mlxbatch, lm, messages, max_tokens, batch, repeat=repeat)}
     if "mlx-lm" in peers:
-        _run_mlx_lm(lm, prompts, max_tokens, batch)
-        results["mlx-lm batch_generate"] = _median_run(_run_mlx_lm, lm, prompts, max_tokens, batch, repeat=repeat)
+        try:
+            _run_mlx_lm(lm, prompts, max_tokens, batch)
+            results["mlx-lm batch_generate"] = _median_run(_run_mlx_lm, lm, prompts, max_tokens, batch, repeat=repeat)
+        except Exception as exc:  # a peer failing must not hide our own numbers (the JSON names the failure)
+            print(f"mlxbatch bench: mlx-lm peer failed: {exc!r}", file=sys.stderr)
+            results["mlx-lm failed"] = repr(exc)[:300]
     if "hf" in peers:
         try:
             hf = _run_hf(lm, prompts, max_tokens, batch)
@@ -297,6 +301,7 @@ def _run_kv_bench(workload: str, *, model: str, max_tokens: int | None, num_prom
 
 
 def _report(workload, lm, prompts, max_tokens, batch, results, as_json, repeat) -> str:
+    failed = {k: results.pop(k) for k in [k for k, r in results.items() if isinstance(r, str)]}
     for r in results.values():
         r["tok_s"] = r["tokens"] / r["seconds"]
     ours = results["mlxbatch"]
@@ -309,7 +314,7 @@ def _report(workload, lm, prompts, max_tokens, batch, results, as_json, repeat) 
         "prompt_tokens_total": ours["prompt_total"], "prompt_tokens_computed": ours["prompt_computed"],
         "prompt_tokens_unique": unique_prompt_tokens(prompts),
         "versions": {"mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__},
-        "results": results,
+        "results": results, "failed": failed,
     }
     if as_json:
         return json.dumps(summary, default=str)
@@ -322,4 +327,5 @@ def _report(workload, lm, prompts, max_tokens, batch, results, as_json, repeat) 
         ratio = "" if name == "mlxbatch" else f"{ours['tok_s'] / r['tok_s']:.2f}x"
         peak = f"{r['peak_memory_gb']:.2f}" if "peak_memory_gb" in r else "-"
         lines.append(f"{name:28s} {r['tokens']:>9,} {r['seconds']:>9.2f} {r['tok_s']:>10,.1f} {peak:>8s} {ratio:>12s}")
+    lines += [f"{name}: {why}" for name, why in failed.items()]
     return "\n".join(lines)
