@@ -23,7 +23,7 @@ Scenarios (architecture x scenario; nothing is xfail: a failure is a real gap):
   prefix[-bucketed]  5 rows = 40 shared tokens + suffixes of 1..17: the prefix may be stored once
   joining[-bucketed] 8 requests of 3..40 tokens, max_tokens 4..12, max_batch 3, prefill chunks
                      of 16: rows finish and others join a running batch
-  q4                 4-bit weights (nn.quantize, group 32, layers whose input dim 32 divides), the
+  q4, q8             4- and 8-bit weights (nn.quantize, group 32, layers whose input dim 32 divides), the
                      reference quantized identically; `mixed` prompts
   kv8                --kv-bits 8: runs to the end (every row max_tokens tokens) and agrees with the
                      same engine's float KV on at least 3/4 of all generated tokens, counting each
@@ -225,7 +225,7 @@ def test_rotating_reference_agrees(arch):
 # ---------------------------------------------------------------- scenarios
 
 SCENARIOS = ["mixed", "mixed-bucketed", "prefix", "prefix-bucketed", "groups", "groups-bucketed", "joining",
-             "joining-bucketed", "q4", "kv8"]
+             "joining-bucketed", "q4", "q8", "kv8"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -248,9 +248,9 @@ def test_conformance(arch, scenario):
     elif kind == "joining":
         reqs = joining_requests()
         assert_matches(arch, reqs, run_engine(loaded(arch), reqs, max_batch=3, prefill_chunk=16, options=options))
-    elif kind == "q4":
-        reqs = mixed_requests()
-        assert_matches(arch, reqs, run_engine(loaded(arch, bits=4), reqs, max_batch=8, options=options), bits=4)
+    elif kind in ("q4", "q8"):  # experts (SwitchLinear) are quantized too
+        reqs, bits = mixed_requests(), int(kind[1])
+        assert_matches(arch, reqs, run_engine(loaded(arch, bits=bits), reqs, max_batch=8, options=options), bits=bits)
     elif kind == "kv8" and arch in PACKED_KV_REFUSED:
         with pytest.raises(UsageError, match=repr(CONFIGS[arch]["model_type"])):
             Engine(loaded(arch), max_batch=8, options=options, kv_bits=8)
