@@ -8,7 +8,7 @@ import jinja2
 import jinja2.sandbox
 import mlx.core as mx
 import pytest
-from conftest import cli
+from conftest import cli, write_jsonl
 from gguf_names import gguf_name, permute
 
 from mlxbatch import models
@@ -282,3 +282,19 @@ def test_random_presets_at_real_shapes_build_and_are_supported(preset):
     assert cut["num_hidden_layers"] == 6 and len(cut.get("layer_types", [None] * 6)) == 6
     with pytest.raises(models.ModelError, match="layer count"):
         models.random_config(f"{preset}:0")
+
+
+def test_an_architecture_the_engine_cannot_batch_is_a_usage_error_before_the_job_starts(tmp_path):
+    """Baichuan-M1 keeps a CacheList (a convolution state and a KV cache) per layer: refused by
+    model type from its config alone, exit 2, before any weights load or any output is written."""
+    folder = tmp_path / "baichuan"
+    folder.mkdir()
+    config = dict(model_type="baichuan_m1", vocab_size=512, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
+                  sliding_window=8, sliding_window_layers=[0], conv_window=2, rms_norm_eps=1e-5)
+    (folder / "config.json").write_text(json.dumps(config))  # no weights: they must never be read
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    res = cli("run", str(src), "-o", str(tmp_path / "out"), "--model", str(folder), "-q")
+    assert res.exit_code == 2, res.output
+    assert "'baichuan_m1' is not supported yet" in res.output and "CacheList" in res.output
+    assert not (tmp_path / "out").exists()
