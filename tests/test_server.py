@@ -456,6 +456,23 @@ def test_serve_job_files_kv_format_is_the_engines(tiny, tmp_path):
     assert loop.engine.stats.kv_format == "4-bit, groups of 32" and loop.max_batch == 6
 
 
+def test_serve_job_file_with_kv_bits_runs_a_batch(tmp_path):
+    """The served process: a batch job under the job file's KV format (its engine settings are the server's)."""
+    job = tmp_path / "job.toml"
+    job.write_text("kv_bits = 8\n")
+    srv = ServerProc(tmp_path / "data", "--job", str(job)).start()
+    try:
+        c = srv.client()
+        f = _upload(c, [_batch_line(f"r{i}", f"Hello {i}", max_tokens=4) for i in range(3)])
+        b = _wait_batch(c, c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h").id)
+        assert b.status == "completed" and b.request_counts.completed == 3, srv.read_log()
+        r = c.chat.completions.create(model="random:tiny", messages=_chat("Hi"), max_tokens=3)
+        assert r.usage.completion_tokens == 3
+    finally:
+        assert srv.stop() in (0, 130), srv.read_log()
+
+
 @pytest.mark.parametrize("line", ['adapter = ["a=/nowhere/adapter"]', "workers = 2"])
 def test_serve_refuses_job_file_settings_it_cannot_apply(tmp_path, line):
     from tests.conftest import cli
