@@ -24,6 +24,7 @@ import orjson
 
 from mlxbatch import exits, models, startup
 from mlxbatch.engine import Engine, Request
+from mlxbatch.engine.config import EngineConfig
 from mlxbatch.engine.core import GPU_MAX_BATCH
 from mlxbatch.engine.protocol import BatchEngine
 from mlxbatch.errors import (
@@ -134,8 +135,7 @@ class JobLoop:
         self.ready: deque[tuple[source.Row, Item]] = deque()  # rendered, not yet given to the engine
         self.inflight: dict[int, _InFlight] = {}
         self.stop = _StopFlag()
-        self.engine: BatchEngine = engine_factory(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb,
-                                                  **spec.kv_engine_args)
+        self.engine: BatchEngine = engine_factory(lm, EngineConfig.from_spec(spec))
         if self.engine.workers:
             self._start_workers()
         self.window = max(4 * self.engine.max_batch, 256)
@@ -356,7 +356,8 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
             on_loop: Callable[[JobLoop], None] | None = None) -> JobStats:
     """Run (or resume) a job to completion; raises Interrupted after a clean stop.
 
-    `engine_factory` builds the engine (tests pass a stand-in with Engine's interface);
+    `engine_factory(lm, config)` builds the engine from the job's EngineConfig (tests pass a stand-in
+    with Engine's interface);
     `on_loaded` runs once the model is loaded (the CLI freezes the collector there);
     `on_loop` gets the job loop before it runs (a server keeps it to read counts and to stop it).
     """

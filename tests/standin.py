@@ -12,8 +12,8 @@ class EchoEngine:
     def close(self):
         pass
 
-    def __init__(self, lm, *, max_batch=None, max_kv_gb=None):
-        self.max_batch = max_batch or 256
+    def __init__(self, lm, config=None):  # config: the job's EngineConfig
+        self.max_batch = (config.max_batch if config else None) or 256
         self.stats = EngineStats(capacity=self.max_batch)
         self._queue = []
 

@@ -19,6 +19,7 @@ from test_engine import run_engine
 
 from mlxbatch import models
 from mlxbatch.engine import Engine, Request, SamplingParams
+from mlxbatch.engine.config import EngineConfig
 from mlxbatch.engine.model_runner import ForwardOptions
 from mlxbatch.engine.scheduler import Scheduler
 from mlxbatch.errors import ModelError
@@ -414,7 +415,7 @@ def test_worker_loads_the_jobs_adapters(tiny_dir, random_adapters):
     from mlxbatch.cluster.actor import Worker
 
     pairs = (("base", None), ("a", str(random_adapters["a"])))
-    w = Worker(str(tiny_dir), dtype="fp32", ignore_eos=True, max_batch=4, max_kv_gb=None, adapters=pairs)
+    w = Worker(str(tiny_dir), dtype="fp32", ignore_eos=True, config=EngineConfig(max_batch=4, adapters=pairs))
     info = w.start()
     assert info["adapters_sha256"] == adapter_files.digest(adapter_files.open_all(pairs))
     toks = prompts(w.tokenizer, 3)

@@ -1,6 +1,7 @@
 """Engine correctness: batched greedy equals single-stream mlx-lm, prefix reuse, sampling."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from mlx_lm import stream_generate
@@ -246,3 +247,35 @@ def test_small_model_on_cuda_copies_prefixes_while_they_fit(tiny, budget_gb, sha
     _, shared = run_tracking(tiny, reqs, "kv_shared_bytes", max_batch=8, max_kv_gb=budget_gb,
                              options=ForwardOptions.for_backend("cuda"))
     assert (shared > 0) == shares
+
+
+# ------------------------------------------------------------ one engine configuration
+def test_engine_config_from_spec_is_every_engine_setting(tmp_path):
+    from mlxbatch.engine.config import EngineConfig, KVFormat
+    from mlxbatch.job.spec import JobSpec
+
+    spec = JobSpec(input=tmp_path / "in.jsonl", batch_size=8, max_kv_gb=2.5, kv_bits=8, kv_value_bits=4,
+                   adapter=(("base", None), ("a", "rel/a"))).validate()
+    config = EngineConfig.from_spec(spec)
+    assert config == EngineConfig(max_batch=8, max_kv_gb=2.5, kv=KVFormat(8, 4, None),
+                                  adapters=(("base", None), ("a", str(Path.cwd() / "rel/a"))))
+    assert EngineConfig.from_spec(JobSpec(input=tmp_path / "in.jsonl", kv_bits=16).validate()).kv is None
+    # keyword construction maps the three KV keywords to the one KVFormat, here only
+    assert EngineConfig.of(max_batch=3, kv_bits=4, kv_group_size=32) == EngineConfig(max_batch=3, kv=KVFormat(4, None, 32))
+
+
+def test_engine_takes_a_config_or_keywords_and_swallows_nothing(tiny):
+    from mlxbatch.engine.config import EngineConfig, KVFormat
+
+    opts = ForwardOptions(full_buffer=False)
+    eng = Engine(tiny, EngineConfig(max_batch=5, prefill_chunk=16, options=opts, kv=KVFormat(8)))
+    assert (eng.max_batch, eng.prefill_chunk, eng.runner.options.kv.bits) == (5, 16, 8)
+    assert Engine(tiny, max_batch=5, prefill_chunk=16, options=opts, kv_bits=8).config == eng.config
+    with pytest.raises(TypeError):
+        Engine(tiny, max_batch=5, max_batch_size=3)  # a misspelt setting is an error, not ignored
+    with pytest.raises(TypeError):
+        Engine(tiny, EngineConfig(), max_batch=5)
+    with pytest.raises(ValueError, match="EngineConfig.kv"):
+        EngineConfig(options=replace(opts, kv_bits=4))  # the KV format has one form
+    with pytest.raises(ValueError, match="names adapters a"):
+        Engine(tiny, EngineConfig(adapters=(("a", "/x"),)))  # the model carries none: not silently dropped

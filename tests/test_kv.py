@@ -313,8 +313,8 @@ def test_out_of_memory_row_becomes_an_error_record(tiny, tmp_path):
 
     faults = []
 
-    def factory(lm, **kw):
-        eng = Engine(lm, **kw)
+    def factory(lm, config):
+        eng = Engine(lm, config)
         faults.append(Faults(eng, when=lambda tokens, cache: cache.columns + tokens.shape[1] > 250))
         return eng
     spec = JobSpec(input=path, output=tmp_path / "out", model="random:tiny",

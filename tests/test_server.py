@@ -439,6 +439,51 @@ def test_missing_extra_is_a_clear_message(monkeypatch):
         require_serve()
 
 
+# ------------------------------------------------------------ job-file settings reach the engine
+def test_serve_job_files_kv_format_is_the_engines(tiny, tmp_path):
+    """`serve --job FILE`: the file's KV format is applied to the server's one engine, not dropped."""
+    from mlxbatch.engine.config import EngineConfig, KVFormat
+    from mlxbatch.server import ServeOptions, build, serve_spec
+
+    job = tmp_path / "job.toml"
+    job.write_text('model = "random:tiny"\nkv_bits = 4\nkv_group_size = 32\nbatch_size = 6\nmax_kv_gb = 0.5\n')
+    spec = serve_spec(job, {})
+    srv, _ = build(spec, ServeOptions(data=tmp_path / "data"), lm=tiny)  # the engine thread is not started
+    loop = srv.engine_loop
+    assert loop.config == EngineConfig(max_batch=6, max_kv_gb=0.5, kv=KVFormat(4, None, 32))
+    kv = loop.engine.runner.options.kv
+    assert (kv.bits, kv.value_bits, kv.group_size) == (4, 4, 32)
+    assert loop.engine.stats.kv_format == "4-bit, groups of 32" and loop.max_batch == 6
+
+
+def test_serve_job_file_with_kv_bits_runs_a_batch(tmp_path):
+    """The served process: a batch job under the job file's KV format (its engine settings are the server's)."""
+    job = tmp_path / "job.toml"
+    job.write_text("kv_bits = 8\n")
+    srv = ServerProc(tmp_path / "data", "--job", str(job)).start()
+    try:
+        c = srv.client()
+        f = _upload(c, [_batch_line(f"r{i}", f"Hello {i}", max_tokens=4) for i in range(3)])
+        b = _wait_batch(c, c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h").id)
+        assert b.status == "completed" and b.request_counts.completed == 3, srv.read_log()
+        r = c.chat.completions.create(model="random:tiny", messages=_chat("Hi"), max_tokens=3)
+        assert r.usage.completion_tokens == 3
+    finally:
+        assert srv.stop() in (0, 130), srv.read_log()
+
+
+@pytest.mark.parametrize("line", ['adapter = ["a=/nowhere/adapter"]', "workers = 2"])
+def test_serve_refuses_job_file_settings_it_cannot_apply(tmp_path, line):
+    from tests.conftest import cli
+
+    job = tmp_path / "job.toml"
+    job.write_text(f'model = "random:tiny"\n{line}\n')
+    res = cli("serve", "--job", job, "--data", tmp_path / "data")
+    key = line.split(" ")[0]
+    assert res.exit_code == 2 and f"`{key}`: `mlxbatch serve` does not run" in res.output, res.output
+
+
 # ------------------------------------------------------------ the engine's cancel
 def test_engine_cancel_waiting_and_running(tiny):
     from mlxbatch.engine import Engine, Request, SamplingParams

@@ -13,8 +13,8 @@ CRASH_AFTER_STEPS = 3
 class CrashingEcho(EchoEngine):
     """Echoes, then its process dies mid-call (as kill -9 would) on its third step."""
 
-    def __init__(self, lm, **kw):
-        super().__init__(lm, **kw)
+    def __init__(self, lm, config=None):
+        super().__init__(lm, config)
         self.num_steps = 0
 
     def step(self):

@@ -186,7 +186,7 @@ def serve(
     port: int = typer.Option(8080, "--port", help="port to listen on"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLXBATCH_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
     data: Path = typer.Option(Path("mlxbatch-data"), "--data", help="folder for uploaded files and batch jobs"),
-    job: Optional[Path] = typer.Option(None, "--job", help="TOML job file: its model and sampling keys are the defaults"),
+    job: Optional[Path] = typer.Option(None, "--job", help="TOML job file: its model, sampling, batch and KV keys apply (adapters and workers are refused)"),
     batch_size: Optional[int] = typer.Option(None, "--max-batch", help="rows decoded together (default: as for run)"),
     max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40% of memory)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8 (default: auto, by backend)"),

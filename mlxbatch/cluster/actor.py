@@ -16,6 +16,7 @@ import socket
 import time
 
 from mlxbatch import __version__, models
+from mlxbatch.engine.config import EngineConfig
 from mlxbatch.models import adapters as adapter_files
 from mlxbatch.types import Completion, EngineStats, Request
 
@@ -36,11 +37,10 @@ def load_object(path: str):
 
 
 class Worker:
-    def __init__(self, model: str, *, dtype: str, ignore_eos: bool | None, max_batch: int | None,
-                 max_kv_gb: float | None, engine: str = DEFAULT_ENGINE, adapters: tuple = (), **kv_args):
+    def __init__(self, model: str, *, dtype: str, ignore_eos: bool | None, config: EngineConfig,
+                 engine: str = DEFAULT_ENGINE):
         self.args = dict(model=model, dtype=dtype, ignore_eos=ignore_eos)
-        self.adapters = adapters  # (name, absolute path or None) as the driver opened them
-        self.engine_args = dict(max_batch=max_batch, max_kv_gb=max_kv_gb, **kv_args)  # kv_args: --kv-bits, ...
+        self.config = config  # the job's engine settings; its adapters are (name, absolute path or None)
         self.engine_path = engine
         self.engine = None
         self.grammars = None
@@ -48,11 +48,11 @@ class Worker:
     def start(self) -> dict:
         """Load the model and build the engine; what the driver checks and shows."""
         lm = models.load(self.args["model"], dtype=self.args["dtype"], ignore_eos=self.args["ignore_eos"])
-        opened = adapter_files.open_all(self.adapters)
+        opened = adapter_files.open_all(self.config.adapters)
         for adapter in opened:
             adapter_files.load_weights(adapter, lm.model)
         lm.adapters = opened
-        self.engine = load_object(self.engine_path)(lm, **self.engine_args)
+        self.engine = load_object(self.engine_path)(lm, self.config)
         self.tokenizer = lm.tokenizer
         return {"pid": os.getpid(), "host": socket.gethostname(), "version": __version__, "protocol": PROTOCOL,
                 "weights_sha256": lm.weights_hash, "adapters_sha256": adapter_files.digest(opened) if opened else "",

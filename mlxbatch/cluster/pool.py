@@ -23,6 +23,7 @@ from mlxbatch import __version__
 from mlxbatch.cluster.actor import DEFAULT_ENGINE, PROTOCOL, Worker
 from mlxbatch.cluster.routing import PrefixRouter
 from mlxbatch.cluster.session import Session
+from mlxbatch.engine.config import EngineConfig
 from mlxbatch.errors import ModelError, WorkerError
 from mlxbatch.models import adapters as adapter_files
 from mlxbatch.types import Completion, EngineStats, Request, WorkerStatus
@@ -46,8 +47,7 @@ _CUMULATIVE = tuple(f.name for f in fields(EngineStats) if f.type in ("int", int
 def pool_factory(spec, *, engine: str = DEFAULT_ENGINE):
     """An engine factory for JobLoop: builds a pool of `spec.workers` actors running `engine`."""
     return partial(WorkerPool, num_workers=spec.workers, address=spec.ray_address, dtype=spec.dtype,
-                   ignore_eos=spec.ignore_eos, engine=engine, defer_start=True,  # JobLoop renders meanwhile
-                   adapters=tuple((n, p and str(Path(p).expanduser().resolve())) for n, p in spec.adapter))
+                   ignore_eos=spec.ignore_eos, engine=engine, defer_start=True)  # JobLoop renders meanwhile
 
 
 def worker_model(spec: str) -> str:
@@ -115,19 +115,19 @@ class _Slot:
 class WorkerPool:
     """Add requests, call `step()` until `has_work` is false; as Engine, over Ray actors."""
 
-    def __init__(self, lm, *, max_batch: int | None = None, max_kv_gb: float | None = None, num_workers: int,
-                 address: str | None = None, dtype: str = "auto", ignore_eos: bool | None = None,
-                 engine: str = DEFAULT_ENGINE, max_restarts: int = MAX_RESTARTS, defer_start: bool = False,
-                 adapters: tuple = (), **kv_args):
+    def __init__(self, lm, config: EngineConfig | None = None, *, num_workers: int, address: str | None = None,
+                 dtype: str = "auto", ignore_eos: bool | None = None, engine: str = DEFAULT_ENGINE,
+                 max_restarts: int = MAX_RESTARTS, defer_start: bool = False):
+        """`config` is each worker's engine configuration, sent to it as it is (EngineConfig.from_spec)."""
+        config = config or EngineConfig()
         self.lm, self.max_restarts = lm, max_restarts
         self.session = Session(address, num_workers=num_workers)
         self.ray = self.session.ray
         try:
             options = self.session.actor_options(num_workers)
             self._actor_cls = self.ray.remote(**options)(Worker)
-            self._worker_args = dict(dtype=dtype, ignore_eos=ignore_eos, max_batch=max_batch, max_kv_gb=max_kv_gb,
-                                     engine=engine, adapters=adapters, **kv_args)  # kv_args: the KV format
-            self.slots = [_Slot(i, max_batch or 0) for i in range(num_workers)]
+            self._worker_args = dict(dtype=dtype, ignore_eos=ignore_eos, config=config, engine=engine)
+            self.slots = [_Slot(i, config.max_batch or 0) for i in range(num_workers)]
             self.stats = EngineStats()
             self.workers = [s.status for s in self.slots]  # the dashboard reads these as they change
             self._retired = EngineStats()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 
 from mlxbatch.engine import arch
+from mlxbatch.engine.config import EngineConfig, KVFormat
 from mlxbatch.engine.kvcache import BatchCache, SharedPrefix
 from mlxbatch.engine.kvquant import each
 from mlxbatch.engine.model_runner import ForwardOptions, ModelRunner, default_options
@@ -29,9 +30,7 @@ from mlxbatch.engine.scheduler import Scheduler, Unit, request_key
 from mlxbatch.models import LoadedModel
 from mlxbatch.types import Completion, EngineStats, Request
 
-DEFAULT_PREFILL_CHUNK = 512
 GPU_MAX_BATCH, CPU_MAX_BATCH = 512, 64  # rows decoded together by default
-DEFAULT_PREFIX_CACHE_GB = 1.0
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
 _ADMIT_FRACTION = 0.125  # refill once this share of slots is free (a merge copies the cache)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
@@ -96,19 +95,24 @@ def _default_kv_bytes() -> int:
 class Engine:
     """Add requests, call `step()` until `has_work` is false; each step returns completions."""
 
-    def __init__(self, lm: LoadedModel, *, max_batch: int | None = None, max_kv_gb: float | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
-                 max_prefill_tokens: int | None = None, options: ForwardOptions | None = None,
-                 kv_bits: int | None = None, kv_value_bits: int | None = None, kv_group_size: int | None = None):
+    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, **settings):
+        """`Engine(lm, EngineConfig.from_spec(spec))`; keywords (`Engine(lm, max_batch=8, kv_bits=4)`, as
+        tests and probes write it) are EngineConfig.of's, and an unknown one is a TypeError there."""
+        if settings:
+            if config is not None:
+                raise TypeError("Engine takes an EngineConfig or keywords, not both")
+            config = EngineConfig.of(**settings)
+        self.config = config = config or EngineConfig()
+        _check_adapters(lm, config)
         self.lm = lm
-        self.runner = _runner(lm, _with_kv(lm, options or default_options(), kv_bits, kv_value_bits, kv_group_size))
+        self.runner = _runner(lm, _with_kv(lm, config.options or default_options(), config.kv))
         kv = self.runner.options.kv
         is_cpu = not self.runner.options.full_buffer
-        self.max_batch = max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
-        self.max_kv_bytes = int(max_kv_gb * 1e9) if max_kv_gb else _default_kv_bytes()
-        self.prefill_chunk = prefill_chunk
-        self.max_prefill_tokens = max_prefill_tokens or (4096 if is_cpu else 32768)
-        self.prefix_cache = PrefixCache(int(prefix_cache_gb * 1e9))
+        self.max_batch = config.max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
+        self.max_kv_bytes = int(config.max_kv_gb * 1e9) if config.max_kv_gb else _default_kv_bytes()
+        self.prefill_chunk = config.prefill_chunk
+        self.max_prefill_tokens = config.max_prefill_tokens or (4096 if is_cpu else 32768)
+        self.prefix_cache = PrefixCache(int(config.prefix_cache_gb * 1e9))
         self.scheduler = Scheduler()
         self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe(),
                                  kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "")
@@ -533,16 +537,23 @@ class Engine:
         self.prefill_chunk = max(_MIN_PREFILL_CHUNK, int(self.prefill_chunk * _OOM_SHRINK))
 
 
-def _with_kv(lm: LoadedModel, options: ForwardOptions, bits, value_bits, group_size) -> ForwardOptions:
+def _with_kv(lm: LoadedModel, options: ForwardOptions, kv: KVFormat | None) -> ForwardOptions:
     """The options with the KV format asked for (checked against the model's head dimension)."""
     from mlxbatch.engine.kvquant import make
 
-    if not bits:
-        return options
-    kv = make(bits, value_bits, group_size, head_dim=arch.head_dim(lm.model.args))
     if kv is None:
         return options
-    return replace(options, kv_bits=kv.bits, kv_value_bits=kv.value_bits, kv_group_size=kv.group_size)
+    packed = make(kv.bits, kv.value_bits, kv.group_size, head_dim=arch.head_dim(lm.model.args))
+    return replace(options, kv_bits=packed.bits, kv_value_bits=packed.value_bits, kv_group_size=packed.group_size)
+
+
+def _check_adapters(lm: LoadedModel, config: EngineConfig) -> None:
+    """A config that names adapters runs on a model that carries them (attached by runner.py or a
+    worker): never a setting accepted and silently dropped. A config without any uses the model's."""
+    if config.adapters and tuple(a.name for a in lm.adapters or ()) != config.adapter_names:
+        have = ", ".join(a.name for a in lm.adapters or ()) or "none"
+        raise ValueError(f"the engine's config names adapters {', '.join(config.adapter_names)} but the "
+                         f"model carries {have}")
 
 
 def _concat_extra(old, new, num_old: int):

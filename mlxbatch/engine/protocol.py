@@ -2,7 +2,8 @@
 
 Owns: the `BatchEngine` protocol (add requests, step until no work is left, read its counters;
 a pool also has workers to start and stop). The runner calls only these, on either, with no
-type checks. Does not own: either implementation (engine/core.py, cluster/pool.py).
+type checks; it builds either as `factory(lm, config)` with the job's one EngineConfig
+(engine/config.py). Does not own: either implementation (engine/core.py, cluster/pool.py).
 """
 
 from __future__ import annotations

@@ -259,11 +259,6 @@ class JobSpec:
             raise UsageError("--kv-value-bits 16 with --kv-bits: values must be packed too (4 or 8)")
         return spec
 
-    @property
-    def kv_engine_args(self) -> dict:
-        """The engine's KV format arguments, empty when KV stays in the model dtype."""
-        return {k: getattr(self, k) for k in _KV_KEYS} if self.kv_bits else {}
-
     def _constraint(self):
         """The job-wide constraint, checked now: a bad schema or regex stops before the model loads."""
         from mlxbatch.job.grammar import (

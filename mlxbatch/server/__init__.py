@@ -40,7 +40,25 @@ def serve_spec(job_file: Path | None, options: dict):
 
     # A batch's input is its uploaded file; a placeholder lets the job rules check everything else.
     values = {k: v for k, v in options.items() if v is not None}
-    return replace(build_spec(job_file, {**values, "input": Path(os.devnull)}), input=None, output=None)
+    spec = replace(build_spec(job_file, {**values, "input": Path(os.devnull)}), input=None, output=None)
+    check_serve_spec(spec, job_file)
+    return spec
+
+
+# Job settings the server cannot apply: refused, never accepted and dropped. Adapters would need a
+# way for a request to choose one (and the server's engine built over them); workers, Ray workers.
+_NOT_SERVED = {"adapter": "adapters", "workers": "Ray workers", "ray_address": "a Ray cluster"}
+
+
+def check_serve_spec(spec, job_file: Path | None = None) -> None:
+    """A usage error for a setting `serve` cannot apply (the KV format and the rest it applies)."""
+    from mlxbatch.job.spec import JobSpec
+
+    where = f"{job_file}: " if job_file else ""
+    for key, what in _NOT_SERVED.items():
+        if getattr(spec, key) != getattr(JobSpec, key):
+            raise UsageError(f"{where}`{key}`: `mlxbatch serve` does not run {what}; remove it "
+                             f"(`mlxbatch run` applies it)")
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,7 @@ class ServeOptions:
 def build(spec, opts: ServeOptions, lm=None):
     """The Server object (model loaded, engine thread not started yet) and its ASGI app."""
     from mlxbatch import models
+    from mlxbatch.engine.config import EngineConfig
     from mlxbatch.job.render import Renderer
     from mlxbatch.output.records import RecordMaker
     from mlxbatch.server.app import Server, _LockedGrammars, build_app
@@ -62,11 +81,12 @@ def build(spec, opts: ServeOptions, lm=None):
     from mlxbatch.server.engine_loop import EngineLoop
     from mlxbatch.server.files import FileStore
 
+    check_serve_spec(spec)
     lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos)
     # Batches are jobs with the server's settings: their output lines are OpenAI Batch lines.
     spec = replace(spec, output_format="openai", ignore_eos=spec.ignore_eos if spec.ignore_eos is not None
                    else lm.is_random, commit_seconds=min(spec.commit_seconds, 1.0))
-    engine_loop = EngineLoop(lm, max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb, max_queue=opts.max_queue)
+    engine_loop = EngineLoop(lm, EngineConfig.from_spec(spec), max_queue=opts.max_queue)
     files = FileStore(opts.data / "files")
     grammars = _LockedGrammars(lm.tokenizer)
     batches = BatchStore(opts.data / "batches", files, lm=lm, engine_loop=engine_loop, spec=spec,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from mlxbatch.engine.config import EngineConfig
 from mlxbatch.errors import Interrupted, MlxbatchError
 from mlxbatch.job import source
 from mlxbatch.job.spec import JobSpec
@@ -221,11 +222,20 @@ class BatchStore:
                          request_counts={"total": total, "completed": 0, "failed": 0})
         feed = self.engine_loop.open_feed()
         try:
-            run_job(spec, lm=self.lm, engine_factory=lambda lm, **kw: feed, on_loop=run.attach)
+            run_job(spec, lm=self.lm, engine_factory=lambda lm, config: self._shared(feed, config),
+                    on_loop=run.attach)
         finally:
             feed.close()
         self._update(bid, status="finalizing", finalizing_at=b.get("finalizing_at") or int(time.time()))
         self._finish(bid, "completed", completed_at=int(time.time()))
+
+    def _shared(self, feed, config: EngineConfig):
+        """The server's engine (through `feed`) for a batch job, whose engine settings are the server's:
+        a batch's own would be dropped, so a difference is a bug caught here, not a silent change."""
+        if config != self.engine_loop.config:
+            raise RuntimeError(f"a batch job's engine settings {config} differ from the server's "
+                               f"{self.engine_loop.config}")
+        return feed
 
     def _finish(self, bid: str, status: str, **stamps) -> None:
         """Publish the output and error files (the job's committed records) and the final counts."""

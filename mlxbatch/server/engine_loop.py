@@ -28,6 +28,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from mlxbatch.engine import Engine
+from mlxbatch.engine.config import EngineConfig
 from mlxbatch.job.render import request_params
 from mlxbatch.types import Completion, EngineStats, Item, Request
 
@@ -151,10 +152,10 @@ class LoopStats:
 class EngineLoop:
     """Owns the Engine and its thread; every public method is safe from any thread."""
 
-    def __init__(self, lm, *, max_batch: int | None = None, max_kv_gb: float | None = None,
-                 max_queue: int = 1024, engine_factory=Engine):
+    def __init__(self, lm, config: EngineConfig | None = None, *, max_queue: int = 1024, engine_factory=Engine):
         self.lm = lm
-        self._factory = lambda: engine_factory(lm, max_batch=max_batch, max_kv_gb=max_kv_gb)
+        self.config = config = config or EngineConfig()  # the server's one engine configuration
+        self._factory = lambda: engine_factory(lm, config)
         self.engine = self._factory()
         self.max_batch = self.engine.max_batch
         self.reserve = self.max_batch // 8
