@@ -368,7 +368,7 @@ def test_an_unknown_cache_kind_is_refused_by_name():
 def _budget_workload(lm):
     """Mixed prompt lengths (a shared document, short and medium prompts) and long outputs."""
     prompts = varied_prompts(lm, 14)
-    return [Request(i, p, SamplingParams(max_tokens=40 + 24 * (i % 3))) for i, p in enumerate(prompts)]
+    return [Request(i, p, SamplingParams(max_tokens=32 + 16 * (i % 4))) for i, p in enumerate(prompts)]
 
 
 @pytest.mark.parametrize("layout", ["cpu", "cuda"])

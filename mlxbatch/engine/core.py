@@ -353,6 +353,7 @@ class Engine:
                                             fits=self._unit_fits)
             if unit is None:
                 return
+            self._compact(force=True)  # finished rows make room for the unit (as `_projected_peak` counts)
             self._prefilling = unit
             self._filling = self._start_unit(unit)
         self._prefilling = self._filling.unit
@@ -370,8 +371,8 @@ class Engine:
 
     def _projected_peak(self, requests: list, prefix_len: int) -> int:
         """The most bytes the KV holds from now on if this unit starts (and no other): while it
-        is prefilled, the running batch (every row, dead ones too, as wide as its widest live row
-        may grow) beside the unit's cache; after it joins, every live row and the unit's as wide
+        is prefilled, the running batch (its live rows: the finished ones are dropped as it starts, as
+        wide as the widest may grow; rows finishing meanwhile keep their place) beside the unit's cache; after it joins, every live row and the unit's as wide
         as the widest of them may grow. Widths are rounded up to the capacity step and allow for
         the dead columns a trim leaves (_TRIM_SHARE); shared prefixes count once, plus the
         side-by-side copy several groups make."""
@@ -396,7 +397,7 @@ class Engine:
                 groups.append(None)
         shared = held * (2 if len(groups) > 1 else 1)
         unit = len(requests) * (bpt * cap(width) + state)
-        batch = len(self._rows) * (bpt * wide(max(live)) + state) if live else 0
+        batch = len(live) * (bpt * wide(max(live)) + state) if live else 0
         after = (len(live) + len(requests)) * (bpt * wide(max(live + unit_ends)) + state)
         return shared + max(batch + unit, after)
 
