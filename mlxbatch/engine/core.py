@@ -6,7 +6,7 @@ admitted units interleaved with decode steps, shared-prefix KV reuse through a
 byte-capped LRU, stop tokens / stop strings / max_tokens, lazy slot compaction,
 surviving an out-of-memory failure (the failed step's rows rerun from their start on a smaller
 batch and budget; a row that fails alone is an `out_of_memory` error) and the counters the
-dashboard shows. Does not own: reading input or writing
+dashboard shows; keeping the KV budget (see `KV_BUDGET_SLACK`). Does not own: reading input or writing
 results (runner.py), grouping (scheduler.py), sampling maths (sampling.py).
 """
 
@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import mlx.core as mx
 
 from mlxbatch.engine import arch
 from mlxbatch.engine.config import EngineConfig, KVFormat
-from mlxbatch.engine.kvcache import BatchCache, SharedPrefix
+from mlxbatch.engine.kvcache import BatchCache, SharedPrefix, capacity
 from mlxbatch.engine.kvquant import each
 from mlxbatch.engine.model_runner import ForwardOptions, ModelRunner, default_options
 from mlxbatch.engine.oom import free_memory, is_out_of_memory
@@ -37,6 +38,17 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared tokens (a system prompt)
 _OOM_SHRINK = 0.5  # after running out of memory: budget, batch width and prefill sizes times this
 _MIN_PREFILL_CHUNK = 16
+# The KV budget (`max_kv_gb`) covers what the KV really holds: the running batch's buffers (every
+# row as wide as the widest, rounded up to the capacity step, dead rows' columns until a trim),
+# the shared prefixes its rows read (and their side-by-side copy), and the unit being prefilled.
+# A unit joins only while that projected peak (`_projected_peak`) fits. The prefix LRU is a
+# separate budget (`prefix_cache_gb`): an entry counts against the KV budget only while rows read it.
+# The KV peak stays within budget * (1 + KV_BUDGET_SLACK); why a slack: a merge or trim copies the
+# cache one layer at a time, so one layer's copy sits on top (1/16 of it for 16+ layers). One row
+# always runs, even one that alone exceeds the budget.
+KV_BUDGET_SLACK = 1 / 16
+_TRIM_SHARE = 16  # columns held by dead rows past the widest live row are trimmed from 1/this of its width
+_MIN_TRIM = 16  # ... or from this many columns (a trim copies the cache: not every step)
 
 
 @dataclass
@@ -45,6 +57,8 @@ class _Row:
     prompt_len: int
     limit: int  # tokens it may generate: max_tokens, capped by the context
     shared_len: int = 0  # leading prompt tokens read from a shared prefix, not held by the row
+    born: int = 0  # Engine._clock less the columns it held on joining: its span is _clock - born
+    final_span: int = 0  # the most columns it may span (its unit's width + limit + 1)
     generated: list = field(default_factory=list)
     logprobs: list | None = None
     is_alive: bool = True
@@ -119,6 +133,7 @@ class Engine:
         self._bytes_per_token = self.runner.kv_bytes_per_token()
         self._eos = frozenset(lm.eos_token_ids)
         self._cache: BatchCache | None = None
+        self._clock = 0  # decode steps so far: each adds a column to every row of the batch
         self._rows: list[_Row] = []
         self._params: RowParams | None = None
         self._next: tuple[mx.array, mx.array | None] | None = None  # sampled, not yet read
@@ -226,6 +241,7 @@ class Engine:
 
     # ------------------------------------------------------------ decode
     def _decode(self, tokens: mx.array):
+        self._clock += 1
         self._cache.layout.begin(mx.ones((len(self._rows), 1), dtype=mx.bool_))
         logits = self.runner.forward_last(tokens[:, None], self._cache, self._adapters(r.request for r in self._rows))
         allowed = self._allowed(self._rows, logits.shape[-1]) if self._num_guided else None
@@ -308,15 +324,22 @@ class Engine:
 
     # ------------------------------------------------------------ batch shape
     def _compact(self, force: bool = False) -> None:
+        """Drop finished rows once they are half the batch, or when they hold columns no live row
+        needs (the widest rows finished: see _TRIM_SHARE), trimming those columns."""
         dead = len(self._rows) - self.num_active
-        if not dead or (dead < _COMPACT_FRACTION * len(self._rows) and not force):
+        if not dead:
+            return
+        live = min((r.born for r in self._rows if r.is_alive), default=self._clock)
+        dead_cols = live - min(r.born for r in self._rows)  # leading columns only finished rows use
+        wide = dead_cols >= max(_MIN_TRIM, (self._clock - live) // _TRIM_SHARE)
+        if dead < _COMPACT_FRACTION * len(self._rows) and not force and not wide:
             return
         keep = [i for i, r in enumerate(self._rows) if r.is_alive]
         if not keep:
             self._cache, self._rows, self._params, self._next = None, [], None, None
             return
         index = mx.array(keep, dtype=mx.int32)
-        self._cache.keep(keep, trim=force)
+        self._cache.keep(keep, trim=force or dead_cols > 0)
         self._params = self._params.take(index)
         sampled, extra = self._next
         self._next = (sampled[index], tuple(a[index] for a in extra) if extra else None)
@@ -330,24 +353,57 @@ class Engine:
                 return
             if self.num_active and free < _ADMIT_FRACTION * self.max_batch and len(self.scheduler) >= free:
                 return
-            unit = self.scheduler.next_unit(max_rows=self._rows_within_budget(free),
-                                            max_prefill_tokens=self.max_prefill_tokens)
+            unit = self.scheduler.next_unit(max_rows=free, max_prefill_tokens=self.max_prefill_tokens,
+                                            fits=self._unit_fits)
             if unit is None:
                 return
+            self._compact(force=True)  # finished rows make room for the unit (as `_projected_peak` counts)
             self._prefilling = unit
             self._filling = self._start_unit(unit)
         self._prefilling = self._filling.unit
         self._prefill_chunk()
         self._prefilling = None
 
-    def _rows_within_budget(self, free: int) -> int:
-        """Rows that fit the KV budget, assuming each may reach its own columns + max_tokens;
-        a shared prefix counts once (it is stored once)."""
-        per_row = self._bytes_per_token * self._longest_row() + self.runner.state_bytes_per_row()
-        shared = self._cache.layout.shared_bytes if self._cache is not None else 0
-        used = per_row * self.num_active + shared
-        fits = (self.max_kv_bytes - used) // max(per_row, 1)
-        return max(1 if not self.num_active else 0, min(free, int(fits)))
+    def _unit_fits(self, requests: list, prefix_len: int) -> bool:
+        """Whether a unit of these requests may start: the KV's projected peak fits the budget
+        (one row always may, into an empty batch)."""
+        if not requests:
+            return True
+        if len(requests) == 1 and not self.num_active:
+            return True
+        return self._projected_peak(requests, prefix_len) <= self.max_kv_bytes
+
+    def _projected_peak(self, requests: list, prefix_len: int) -> int:
+        """The most bytes the KV holds from now on if this unit starts (and no other): while it
+        is prefilled, the running batch (its live rows: the finished ones are dropped as it starts, as
+        wide as the widest may grow; rows finishing meanwhile keep their place) beside the unit's cache; after it joins, every live row and the unit's as wide
+        as the widest of them may grow. Widths are rounded up to the capacity step and allow for
+        the dead columns a trim leaves (_TRIM_SHARE); shared prefixes count once, plus the
+        side-by-side copy several groups make."""
+        bpt, state = self._bytes_per_token, self.runner.state_bytes_per_row()
+        cap = partial(capacity, fine=not self.runner.options.full_buffer)
+        ctx = self.lm.context_length
+
+        def wide(columns: int) -> int:  # a width that may grow to `columns`, and the dead columns kept
+            return cap(columns + max(_MIN_TRIM, columns // _TRIM_SHARE))
+
+        p = prefix_len if self._reuses_prefix(requests) else 0
+        shares = bool(p) and self._should_share(len(requests), p)
+        width = max(len(r.tokens) for r in requests) - (p if shares else 0)  # the unit's columns
+        unit_ends = [width + min(r.params.max_tokens, ctx - len(r.tokens)) + 1 for r in requests]
+        live = [r.final_span for r in self._rows if r.is_alive]
+        groups = list(self._cache.layout.groups) if self._cache is not None else []
+        held = sum(g.nbytes for g in groups)
+        if shares:
+            key = request_key(requests[0].tokens[:p], requests[0].adapter)
+            if not any(g.key == key for g in groups):
+                held += bpt * p
+                groups.append(None)
+        shared = held * (2 if len(groups) > 1 else 1)
+        unit = len(requests) * (bpt * cap(width) + state)
+        batch = len(live) * (bpt * wide(max(live)) + state) if live else 0
+        after = (len(live) + len(requests)) * (bpt * wide(max(live + unit_ends)) + state)
+        return shared + max(batch + unit, after)
 
     def _longest_row(self) -> int:
         """Columns the longest live row may reach in the batch (1,024 assumed for an empty one)."""
@@ -418,7 +474,9 @@ class Engine:
         """Sample the unit's first tokens and merge it into the running batch."""
         ctx = self.lm.context_length
         shared = unit.prefix_len if cache.layout.groups else 0  # groups only where prefixes are reused
+        width = cache.columns  # every row of the unit spans the unit's columns (as `_projected_peak` counts)
         rows = [_Row(r, len(r.tokens), min(r.params.max_tokens, ctx - len(r.tokens)), shared,
+                     born=self._clock - width, final_span=width + min(r.params.max_tokens, ctx - len(r.tokens)) + 1,
                      logprobs=[] if r.params.logprobs is not None else None) for r in unit.requests]
         params = RowParams.build([r.params for r in unit.requests])
         num_guided = sum(r.guide is not None for r in unit.requests)

@@ -459,7 +459,8 @@ class BatchCache:
 
     def keep(self, rows: list[int], *, trim: bool = False) -> None:
         """Drop every row not listed; with `trim`, also the leading columns no row uses
-        (that reads a value back from the device, so only where a sync happens anyway)."""
+        (that reads a value back from the device, so only where a sync happens anyway).
+        Layer by layer: the old buffers of one layer at a time sit beside the new ones."""
         index = mx.array(rows, dtype=mx.int32)
         lay = self.layout
         valid = lay.valid[index]
@@ -473,10 +474,13 @@ class BatchCache:
             if c.keys is not None:
                 c.keys = each(lambda a: a[index, :, start : lay.idx, :], c.keys)
                 c.values = each(lambda a: a[index, :, start : lay.idx, :], c.values)
+                mx.eval(*_parts(c.keys), *_parts(c.values))
         lay.idx -= start
 
     def merge(self, other: "BatchCache") -> None:
-        """Append other's rows; the shorter side gets invalid columns on the left."""
+        """Append other's rows; the shorter side gets invalid columns on the left. `other` is
+        used up (its buffers are let go layer by layer, so the copy held beside both sides is
+        one layer's, not the whole cache's)."""
         cols = max(self.columns, other.columns)
         a_pad, b_pad = cols - self.columns, cols - other.columns
         lay, olay = self.layout, other.layout
@@ -490,6 +494,8 @@ class BatchCache:
             (ak, av), (bk, bv) = _used_or_empty(c, o), _used_or_empty(o, c)
             c.keys = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), ak, bk)
             c.values = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), av, bv)
+            o.keys = o.values = ak = av = bk = bv = None
+            mx.eval(*_parts(c.keys), *_parts(c.values))
         lay.idx = cols
 
 

@@ -77,7 +77,10 @@ class Scheduler:
         self._sorted.pop(bisect.bisect_left(self._sorted, (request_key(request.tokens, request.adapter), seq)))
         return True
 
-    def next_unit(self, *, max_rows: int, max_prefill_tokens: int) -> Unit | None:
+    def next_unit(self, *, max_rows: int, max_prefill_tokens: int, fits=None) -> Unit | None:
+        """The next unit, or None. `fits(requests, prefix_len)`, where given, says whether a unit of
+        those rows fits the KV budget: the unit is cut to the most rows that fit (it may not fit
+        with fewer rows once it does not fit with more), None when not even the anchor fits."""
         if not self._waiting or max_rows <= 0:
             return None
         anchor_seq = next(iter(self._waiting))
@@ -90,10 +93,33 @@ class Scheduler:
         shared.sort(key=lambda item: (abs(item[2] - anchor_len), -item[1]))
         chosen = shared[:max_rows]
         chosen = self._cap_tokens(chosen, max_prefill_tokens)
-        prefix = min(min(c[1] for c in chosen), min(c[2] for c in chosen) - 1)
-        prefix -= 1 if anchor.adapter else 0  # the tag token is no prompt token (shared by all, or prefix is 0)
+        if fits is not None:
+            chosen = self._cap_fit(chosen, fits, anchor.adapter)
+            if not chosen:
+                return None
+        prefix = self._prefix_of(chosen, anchor.adapter)
         requests = [self._take(idx) for idx in sorted((c[0] for c in chosen), reverse=True)]
-        return Unit(requests[::-1], max(prefix, 0))
+        return Unit(requests[::-1], prefix)
+
+    @staticmethod
+    def _prefix_of(chosen: list, adapter: int) -> int:
+        prefix = min(min(c[1] for c in chosen), min(c[2] for c in chosen) - 1)
+        prefix -= 1 if adapter else 0  # the tag token is no prompt token (shared by all, or prefix is 0)
+        return max(prefix, 0)
+
+    def _cap_fit(self, chosen: list, fits, adapter: int) -> list:
+        """The longest head of `chosen` that `fits` (a binary search: more rows hardly ever fit better)."""
+        def ok(n: int) -> bool:
+            head = chosen[:n]
+            return fits([self._waiting[self._sorted[c[0]][1]] for c in head], self._prefix_of(head, adapter))
+        lo, hi = 0, len(chosen)  # ok(lo) holds (no rows), find the largest n with ok(n)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return chosen[:lo]
 
     def _neighbours(self, pos: int, anchor_key: bytes, *, limit: int) -> list[tuple[int, int, int]]:
         """(sorted index, shared prefix with anchor, length) of rows grouped with the anchor."""
