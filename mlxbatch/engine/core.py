@@ -339,7 +339,7 @@ class Engine:
             self._cache, self._rows, self._params, self._next = None, [], None, None
             return
         index = mx.array(keep, dtype=mx.int32)
-        self._cache.keep(keep, trim=force or dead_cols > 0)
+        self._cache.keep(keep, trim=force or dead_cols > 0, stepwise=self._is_tight())
         self._params = self._params.take(index)
         sampled, extra = self._next
         self._next = (sampled[index], tuple(a[index] for a in extra) if extra else None)
@@ -363,6 +363,12 @@ class Engine:
         self._prefilling = self._filling.unit
         self._prefill_chunk()
         self._prefilling = None
+
+    def _is_tight(self, joining: BatchCache | None = None) -> bool:
+        """Whether a whole copy of the cache beside it would break the KV budget: then merges and
+        trims copy layer by layer (a sync each), else in one go (no sync: decode stays pipelined)."""
+        held = self._cache.nbytes + (joining.nbytes if joining is not None else 0)
+        return 2 * held > self.max_kv_bytes
 
     def _unit_fits(self, requests: list, prefix_len: int) -> bool:
         """Whether a unit of these requests may start: the KV's projected peak fits the budget
@@ -494,7 +500,7 @@ class Engine:
             self._cache, self._params, self._rows, self._next = cache, params, rows, (sampled, extra)
             self._num_alive = alive
             return
-        self._cache.merge(cache)
+        self._cache.merge(cache, stepwise=self._is_tight(cache))
         self._params = self._params.concat(params)
         self._next = (mx.concatenate([self._next[0], sampled]), _concat_extra(self._next[1], extra, len(self._rows)))
         self._rows = self._rows + rows

@@ -457,10 +457,11 @@ class BatchCache:
         return [c.prefix() if isinstance(c, StateCache) else tuple(each(lambda a: a[:1], x) for x in c.used())
                 for c in self.layers]
 
-    def keep(self, rows: list[int], *, trim: bool = False) -> None:
+    def keep(self, rows: list[int], *, trim: bool = False, stepwise: bool = False) -> None:
         """Drop every row not listed; with `trim`, also the leading columns no row uses
         (that reads a value back from the device, so only where a sync happens anyway).
-        Layer by layer: the old buffers of one layer at a time sit beside the new ones."""
+        `stepwise`: layer by layer, so the old buffers of one layer at a time sit beside the new
+        ones (a sync per layer: only where a whole copy would not fit the KV budget)."""
         index = mx.array(rows, dtype=mx.int32)
         lay = self.layout
         valid = lay.valid[index]
@@ -474,13 +475,14 @@ class BatchCache:
             if c.keys is not None:
                 c.keys = each(lambda a: a[index, :, start : lay.idx, :], c.keys)
                 c.values = each(lambda a: a[index, :, start : lay.idx, :], c.values)
-                mx.eval(*_parts(c.keys), *_parts(c.values))
+                if stepwise:
+                    mx.eval(*_parts(c.keys), *_parts(c.values))
         lay.idx -= start
 
-    def merge(self, other: "BatchCache") -> None:
+    def merge(self, other: "BatchCache", *, stepwise: bool = False) -> None:
         """Append other's rows; the shorter side gets invalid columns on the left. `other` is
-        used up (its buffers are let go layer by layer, so the copy held beside both sides is
-        one layer's, not the whole cache's)."""
+        used up; `stepwise`: its buffers are let go layer by layer, so the copy held beside both
+        sides is one layer's, not the whole cache's (a sync per layer: only where memory is tight)."""
         cols = max(self.columns, other.columns)
         a_pad, b_pad = cols - self.columns, cols - other.columns
         lay, olay = self.layout, other.layout
@@ -495,7 +497,8 @@ class BatchCache:
             c.keys = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), ak, bk)
             c.values = each2(lambda a, b: mx.concatenate([_pad_kv(a, a_pad), _pad_kv(b, b_pad)], axis=0), av, bv)
             o.keys = o.values = ak = av = bk = bv = None
-            mx.eval(*_parts(c.keys), *_parts(c.values))
+            if stepwise:
+                mx.eval(*_parts(c.keys), *_parts(c.values))
         lay.idx = cols
 
 
