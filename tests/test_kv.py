@@ -390,3 +390,16 @@ def test_kv_budget_is_kept(tiny, layout):
     assert eng.stats.active_peak >= 2  # the budget still admits several rows
     for r in reqs:
         assert done[r.key].tokens == free[r.key].tokens, r.key
+
+
+def test_kv_rows_budget_holds_that_many_rows(tiny):
+    """`bench --kv-rows N` sizes its budget as the engine accounts for rows (capacity steps, trim
+    slack): N rows of the longest fit at once, and the KV peak stays within that budget."""
+    from mlxbatch.bench import _kv_budget_gb
+
+    prompts = [list(range(5, 5 + n)) for n in (12, 30, 45, 20) * 4]
+    budget = _kv_budget_gb(tiny, prompts, 40, 6)
+    reqs = [Request(i, p, SamplingParams(max_tokens=40)) for i, p in enumerate(prompts)]
+    _, eng = run_engine(tiny, reqs, max_batch=16, max_kv_gb=budget)
+    assert eng.stats.active_peak >= 6, eng.stats.active_peak
+    assert eng.stats.kv_peak_bytes <= budget * 1e9 * (1 + 1 / 16)

@@ -390,8 +390,7 @@ class Engine:
         cap = partial(capacity, fine=not self.runner.options.full_buffer)
         ctx = self.lm.context_length
 
-        def wide(columns: int) -> int:  # a width that may grow to `columns`, and the dead columns kept
-            return cap(columns + max(_MIN_TRIM, columns // _TRIM_SHARE))
+        wide = partial(held_columns, fine=not self.runner.options.full_buffer)
 
         p = prefix_len if self._reuses_prefix(requests) else 0
         shares = bool(p) and self._should_share(len(requests), p)
@@ -599,6 +598,12 @@ class Engine:
         self.max_kv_bytes = max(floor, int(min(self.max_kv_bytes, max(held, floor)) * _OOM_SHRINK))
         self.max_prefill_tokens = max(_MIN_PREFILL_CHUNK, int(self.max_prefill_tokens * _OOM_SHRINK))
         self.prefill_chunk = max(_MIN_PREFILL_CHUNK, int(self.prefill_chunk * _OOM_SHRINK))
+
+
+def held_columns(columns: int, *, fine: bool) -> int:
+    """Columns a row that may grow to `columns` holds at most: the capacity step, and the dead
+    columns a trim leaves (_TRIM_SHARE) beside it. The KV budget's unit of account."""
+    return capacity(columns + max(_MIN_TRIM, columns // _TRIM_SHARE), fine=fine)
 
 
 def _with_kv(lm: LoadedModel, options: ForwardOptions, kv: KVFormat | None) -> ForwardOptions:

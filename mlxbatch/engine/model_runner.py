@@ -159,9 +159,12 @@ class ModelRunner:
 
     def describe(self) -> str:
         """One line for the log: what runs and why."""
-        on = [k for k, v in asdict(self.options).items() if v is True and not k.startswith("kv_")]
+        unused = {"fused": self.fused is None, "compiled_decode": self.plan is None,
+                  "shared_prefix": not self.can_share_prefix}  # asked for, but this family does not get it
+        on = [k for k, v in asdict(self.options).items() if v is True and not k.startswith("kv_") and not unused.get(k)]
         on = [f"{k} (from {self.options.min_shared_tokens} tokens)" if k == "shared_prefix" else k for k in on]
         path = "compiled decode" if self.plan else "fused layers" if self.fused else "mlx-lm layers"
+        path += f" ({arch.module_name(self.model)}" + (", the engine attends" if self.routes_attention else "") + ")"
         kv = self.options.kv
         form = lambda qmm: "quantized_matmul" if qmm else "dequantize"  # noqa: E731
         packed = (f"; KV {kv.describe()}, read by {form(kv.quantized_matmul)} (decode), "
