@@ -376,7 +376,7 @@ def test_kv_budget_is_kept(tiny, layout):
     """The KV really held (the batch's buffers, shared prefixes and the unit being prefilled,
     measured after every step) stays within the budget plus KV_BUDGET_SLACK, on the exact-width
     CPU layout and the bucketed GPU one, and greedy outputs equal an unbudgeted run's."""
-    from mlxbatch.engine.core import KV_BUDGET_SLACK
+    from mlxbatch.engine.budget import KV_BUDGET_SLACK
 
     reqs = _budget_workload(tiny)
     opts = LAYOUTS[layout]

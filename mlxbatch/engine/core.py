@@ -6,7 +6,7 @@ admitted units interleaved with decode steps, shared-prefix KV reuse through a
 byte-capped LRU, stop tokens / stop strings / max_tokens, lazy slot compaction,
 surviving an out-of-memory failure (the failed step's rows rerun from their start on a smaller
 batch and budget; a row that fails alone is an `out_of_memory` error) and the counters the
-dashboard shows; keeping the KV budget (see `KV_BUDGET_SLACK`). Does not own: reading input or writing
+dashboard shows. Does not own: the KV budget (budget.py), reading input or writing
 results (runner.py), grouping (scheduler.py), sampling maths (sampling.py).
 """
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import mlx.core as mx
 
 from mlxbatch.engine import arch
+from mlxbatch.engine.budget import MIN_TRIM, TRIM_SHARE, KVBudget, UnitShape
 from mlxbatch.engine.config import EngineConfig, KVFormat
-from mlxbatch.engine.kvcache import BatchCache, SharedPrefix, capacity
+from mlxbatch.engine.kvcache import BatchCache, SharedPrefix
 from mlxbatch.engine.kvquant import each
 from mlxbatch.engine.model_runner import ForwardOptions, ModelRunner, default_options
 from mlxbatch.engine.oom import free_memory, is_out_of_memory
@@ -38,17 +38,6 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared tokens (a system prompt)
 _OOM_SHRINK = 0.5  # after running out of memory: budget, batch width and prefill sizes times this
 _MIN_PREFILL_CHUNK = 16
-# The KV budget (`max_kv_gb`) covers what the KV really holds: the running batch's buffers (every
-# row as wide as the widest, rounded up to the capacity step, dead rows' columns until a trim),
-# the shared prefixes its rows read (and their side-by-side copy), and the unit being prefilled.
-# A unit joins only while that projected peak (`_projected_peak`) fits. The prefix LRU is a
-# separate budget (`prefix_cache_gb`): an entry counts against the KV budget only while rows read it.
-# The KV peak stays within budget * (1 + KV_BUDGET_SLACK); why a slack: a merge or trim copies the
-# cache one layer at a time, so one layer's copy sits on top (1/16 of it for 16+ layers). One row
-# always runs, even one that alone exceeds the budget.
-KV_BUDGET_SLACK = 1 / 16
-_TRIM_SHARE = 16  # columns held by dead rows past the widest live row are trimmed from 1/this of its width
-_MIN_TRIM = 16  # ... or from this many columns (a trim copies the cache: not every step)
 
 
 @dataclass
@@ -123,7 +112,9 @@ class Engine:
         kv = self.runner.options.kv
         is_cpu = not self.runner.options.full_buffer
         self.max_batch = config.max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
-        self.max_kv_bytes = int(config.max_kv_gb * 1e9) if config.max_kv_gb else _default_kv_bytes()
+        self.budget = KVBudget(int(config.max_kv_gb * 1e9) if config.max_kv_gb else _default_kv_bytes(),
+                               bytes_per_token=self.runner.kv_bytes_per_token(),
+                               state_bytes=self.runner.state_bytes_per_row(), fine=is_cpu)
         self.prefill_chunk = config.prefill_chunk
         self.max_prefill_tokens = config.max_prefill_tokens or (4096 if is_cpu else 32768)
         self.prefix_cache = PrefixCache(int(config.prefix_cache_gb * 1e9))
@@ -325,13 +316,13 @@ class Engine:
     # ------------------------------------------------------------ batch shape
     def _compact(self, force: bool = False) -> None:
         """Drop finished rows once they are half the batch, or when they hold columns no live row
-        needs (the widest rows finished: see _TRIM_SHARE), trimming those columns."""
+        needs (the widest rows finished: see budget.TRIM_SHARE), trimming those columns."""
         dead = len(self._rows) - self.num_active
         if not dead:
             return
         live = min((r.born for r in self._rows if r.is_alive), default=self._clock)
         dead_cols = live - min(r.born for r in self._rows)  # leading columns only finished rows use
-        wide = dead_cols >= max(_MIN_TRIM, (self._clock - live) // _TRIM_SHARE)
+        wide = dead_cols >= max(MIN_TRIM, (self._clock - live) // TRIM_SHARE)
         if dead < _COMPACT_FRACTION * len(self._rows) and not force and not wide:
             return
         keep = [i for i, r in enumerate(self._rows) if r.is_alive]
@@ -364,51 +355,34 @@ class Engine:
         self._prefill_chunk()
         self._prefilling = None
 
+    @property
+    def max_kv_bytes(self) -> int:
+        return self.budget.max_bytes
+
     def _is_tight(self, joining: BatchCache | None = None) -> bool:
-        """Whether a whole copy of the cache beside it would break the KV budget: then merges and
-        trims copy layer by layer (a sync each), else in one go (no sync: decode stays pipelined)."""
-        held = self._cache.nbytes + (joining.nbytes if joining is not None else 0)
-        return 2 * held > self.max_kv_bytes
+        return self.budget.is_tight(self._cache.nbytes + (joining.nbytes if joining is not None else 0))
 
     def _unit_fits(self, requests: list, prefix_len: int) -> bool:
-        """Whether a unit of these requests may start: the KV's projected peak fits the budget
-        (one row always may, into an empty batch)."""
-        if not requests:
+        """Whether a unit of these requests may start (one row always may, into an empty batch)."""
+        if not requests or (len(requests) == 1 and not self.num_active):
             return True
-        if len(requests) == 1 and not self.num_active:
-            return True
-        return self._projected_peak(requests, prefix_len) <= self.max_kv_bytes
+        groups = list(self._cache.layout.groups) if self._cache is not None else []
+        live = [r.final_span for r in self._rows if r.is_alive]
+        return self.budget.fits(self._unit_shape(requests, prefix_len, groups), live,
+                                sum(g.nbytes for g in groups), len(groups))
 
-    def _projected_peak(self, requests: list, prefix_len: int) -> int:
-        """The most bytes the KV holds from now on if this unit starts (and no other): while it
-        is prefilled, the running batch (its live rows: the finished ones are dropped as it starts, as
-        wide as the widest may grow; rows finishing meanwhile keep their place) beside the unit's cache; after it joins, every live row and the unit's as wide
-        as the widest of them may grow. Widths are rounded up to the capacity step and allow for
-        the dead columns a trim leaves (_TRIM_SHARE); shared prefixes count once, plus the
-        side-by-side copy several groups make."""
-        bpt, state = self._bytes_per_token, self.runner.state_bytes_per_row()
-        cap = partial(capacity, fine=not self.runner.options.full_buffer)
+    def _unit_shape(self, requests: list, prefix_len: int, groups: list) -> UnitShape:
+        """What the unit would hold: its columns (a prefix stored once excluded), each row's final
+        span, and its shared prefix where the batch does not hold it yet."""
         ctx = self.lm.context_length
-
-        wide = partial(held_columns, fine=not self.runner.options.full_buffer)
-
         p = prefix_len if self._reuses_prefix(requests) else 0
         shares = bool(p) and self._should_share(len(requests), p)
-        width = max(len(r.tokens) for r in requests) - (p if shares else 0)  # the unit's columns
-        unit_ends = [width + min(r.params.max_tokens, ctx - len(r.tokens)) + 1 for r in requests]
-        live = [r.final_span for r in self._rows if r.is_alive]
-        groups = list(self._cache.layout.groups) if self._cache is not None else []
-        held = sum(g.nbytes for g in groups)
-        if shares:
-            key = request_key(requests[0].tokens[:p], requests[0].adapter)
-            if not any(g.key == key for g in groups):
-                held += bpt * p
-                groups.append(None)
-        shared = held * (2 if len(groups) > 1 else 1)
-        unit = len(requests) * (bpt * cap(width) + state)
-        batch = len(live) * (bpt * wide(max(live)) + state) if live else 0
-        after = (len(live) + len(requests)) * (bpt * wide(max(live + unit_ends)) + state)
-        return shared + max(batch + unit, after)
+        width = max(len(r.tokens) for r in requests) - (p if shares else 0)
+        ends = tuple(width + min(r.params.max_tokens, ctx - len(r.tokens)) + 1 for r in requests)
+        new_prefix = 0
+        if shares and not any(g.key == request_key(requests[0].tokens[:p], requests[0].adapter) for g in groups):
+            new_prefix = self._bytes_per_token * p
+        return UnitShape(len(requests), width, ends, new_prefix)
 
     def _longest_row(self) -> int:
         """Columns the longest live row may reach in the batch (1,024 assumed for an empty one)."""
@@ -594,16 +568,9 @@ class Engine:
 
     def _shrink(self, rows: int, held: int) -> None:
         self.max_batch = max(1, int(min(self.max_batch, rows) * _OOM_SHRINK))
-        floor = self._bytes_per_token * min(self._longest_row(), 1024) + self.runner.state_bytes_per_row()
-        self.max_kv_bytes = max(floor, int(min(self.max_kv_bytes, max(held, floor)) * _OOM_SHRINK))
+        self.budget.shrink(held, self._longest_row())
         self.max_prefill_tokens = max(_MIN_PREFILL_CHUNK, int(self.max_prefill_tokens * _OOM_SHRINK))
         self.prefill_chunk = max(_MIN_PREFILL_CHUNK, int(self.prefill_chunk * _OOM_SHRINK))
-
-
-def held_columns(columns: int, *, fine: bool) -> int:
-    """Columns a row that may grow to `columns` holds at most: the capacity step, and the dead
-    columns a trim leaves (_TRIM_SHARE) beside it. The KV budget's unit of account."""
-    return capacity(columns + max(_MIN_TRIM, columns // _TRIM_SHARE), fine=fine)
 
 
 def _with_kv(lm: LoadedModel, options: ForwardOptions, kv: KVFormat | None) -> ForwardOptions:
