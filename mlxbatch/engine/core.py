@@ -121,7 +121,6 @@ class Engine:
         self.scheduler = Scheduler()
         self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe(),
                                  kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "")
-        self._bytes_per_token = self.runner.kv_bytes_per_token()
         self._eos = frozenset(lm.eos_token_ids)
         self._cache: BatchCache | None = None
         self._clock = 0  # decode steps so far: each adds a column to every row of the batch
@@ -348,7 +347,7 @@ class Engine:
                                             fits=self._unit_fits)
             if unit is None:
                 return
-            self._compact(force=True)  # finished rows make room for the unit (as `_projected_peak` counts)
+            self._compact(force=True)  # finished rows make room for the unit (as KVBudget.projected_peak counts)
             self._prefilling = unit
             self._filling = self._start_unit(unit)
         self._prefilling = self._filling.unit
@@ -374,14 +373,13 @@ class Engine:
     def _unit_shape(self, requests: list, prefix_len: int, groups: list) -> UnitShape:
         """What the unit would hold: its columns (a prefix stored once excluded), each row's final
         span, and its shared prefix where the batch does not hold it yet."""
-        ctx = self.lm.context_length
         p = prefix_len if self._reuses_prefix(requests) else 0
         shares = bool(p) and self._should_share(len(requests), p)
         width = max(len(r.tokens) for r in requests) - (p if shares else 0)
-        ends = tuple(width + min(r.params.max_tokens, ctx - len(r.tokens)) + 1 for r in requests)
+        ends = tuple(width + self._limit(r) + 1 for r in requests)
         new_prefix = 0
         if shares and not any(g.key == request_key(requests[0].tokens[:p], requests[0].adapter) for g in groups):
-            new_prefix = self._bytes_per_token * p
+            new_prefix = self.budget.bytes_per_token * p
         return UnitShape(len(requests), width, ends, new_prefix)
 
     def _longest_row(self) -> int:
@@ -408,6 +406,10 @@ class Engine:
         st.prefix_hit_tokens += p * (len(reqs) - 1)
         return _Filling(unit, cache, tokens, valid)
 
+    def _limit(self, request: Request) -> int:
+        """Tokens a request may generate: its max_tokens, capped by the context."""
+        return min(request.params.max_tokens, self.lm.context_length - len(request.tokens))
+
     def _reuses_prefix(self, reqs: list) -> bool:
         # State layers (ModelRunner.can_reuse_prefix) take a prefix only where no pads follow it.
         return self.runner.can_reuse_prefix or len({len(r.tokens) for r in reqs}) == 1
@@ -433,7 +435,7 @@ class Engine:
         # A small model is bound by operations per step, and the cascade adds some: copies
         # are faster while they fit the KV budget (and sharing is what makes them fit).
         held = self._cache.nbytes + self._cache.layout.shared_bytes if self._cache is not None else 0
-        return held + self._bytes_per_token * p * rows > self.max_kv_bytes
+        return held + self.budget.bytes_per_token * p * rows > self.max_kv_bytes
 
     def _prefill_chunk(self) -> None:
         f = self._filling
@@ -451,11 +453,10 @@ class Engine:
 
     def _join(self, unit: Unit, cache: BatchCache, logits: mx.array) -> None:
         """Sample the unit's first tokens and merge it into the running batch."""
-        ctx = self.lm.context_length
         shared = unit.prefix_len if cache.layout.groups else 0  # groups only where prefixes are reused
-        width = cache.columns  # every row of the unit spans the unit's columns (as `_projected_peak` counts)
-        rows = [_Row(r, len(r.tokens), min(r.params.max_tokens, ctx - len(r.tokens)), shared,
-                     born=self._clock - width, final_span=width + min(r.params.max_tokens, ctx - len(r.tokens)) + 1,
+        width = cache.columns  # every row of the unit spans the unit's columns (as KVBudget.projected_peak counts)
+        rows = [_Row(r, len(r.tokens), self._limit(r), shared, born=self._clock - width,
+                     final_span=width + self._limit(r) + 1,
                      logprobs=[] if r.params.logprobs is not None else None) for r in unit.requests]
         params = RowParams.build([r.params for r in unit.requests])
         num_guided = sum(r.guide is not None for r in unit.requests)

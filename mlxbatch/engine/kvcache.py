@@ -324,9 +324,8 @@ class StateCache:
     lengths = None  # no row ends before the batch's last column (no right padding)
     left_padding = None  # pads are masked through make_mask, from the layout
 
-    def __init__(self, layout: Layout, index: int, size: int):
+    def __init__(self, layout: Layout, size: int):
         self.layout = layout
-        self.index = index
         self.cache: list = [None] * size
 
     def __getitem__(self, i: int):
@@ -342,10 +341,6 @@ class StateCache:
         """[B, N]: which of the new columns are real (pads are masked out of the state)."""
         lay = self.layout
         return lay.valid[:, lay.idx : lay.idx + N]
-
-    @property
-    def is_empty(self) -> bool:
-        return self.cache[0] is None
 
     @property
     def nbytes(self) -> int:
@@ -400,7 +395,7 @@ class BatchCache:
 
     def __init__(self, fmt: CacheFormat, batch: int):
         self.layout = Layout(batch, fmt)
-        self.layers = [StateCache(self.layout, i, w.size) if isinstance(w, StateLayer) else LayerCache(self.layout, i, w)
+        self.layers = [StateCache(self.layout, w.size) if isinstance(w, StateLayer) else LayerCache(self.layout, i, w)
                        for i, w in enumerate(fmt.windows)]
 
     @property
