@@ -305,21 +305,26 @@ def attach_adapters(lm: models.LoadedModel, opened: list) -> None:
     lm.adapters = opened
 
 
-def _check_model(spec: JobSpec) -> None:
-    """The architecture and the KV format, checked from the model's config before the weights load
-    (a usage error, not a failure minutes later): a cache kind the engine cannot batch, a KV group
-    size that does not divide the head dimension, packed KV where the attention cannot read it."""
+def _check_model(spec: JobSpec, lm: models.LoadedModel | None = None) -> None:
+    """The architecture and the KV format, checked before the weights load (a usage error, not a
+    failure minutes later): a cache kind the engine cannot batch, a KV group size that does not
+    divide the head dimension, packed KV where the attention cannot read it. A model already
+    loaded (`lm`: bench, the server's batches) is checked as it is: no config read, no hub call."""
     from mlxbatch.engine import arch
     from mlxbatch.engine.kvquant import make
 
-    config = _model_config(spec)
+    model = lm.model if lm is not None else None
+    config = _model_config(spec) if model is None else {}
     kv = None
     if spec.kv_bits:
         try:
-            kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size, head_dim=arch.head_dim(config))
+            kv = make(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size,
+                      head_dim=arch.head_dim(model.args if model is not None else config))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    if config.get("model_type"):
+    if model is not None:
+        arch.check(model, kv)
+    elif config.get("model_type"):
         arch.check_config(config, kv)
 
 
@@ -365,7 +370,7 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
     source.kind_of(spec.input)
     _check_columns(spec)
     check_kept_fields(spec.output_format, spec.keep_fields)
-    _check_model(spec)
+    _check_model(spec, lm)
     if spec.workers:
         engine_factory = _workers_factory(spec, engine_factory)  # before loading: no Ray, no load
     # With workers the driver loads no weights: they live on the workers' devices.
