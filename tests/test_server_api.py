@@ -149,6 +149,8 @@ def test_a_batch_that_cannot_resume_publishes_its_committed_rows(tiny, tmp_path,
         assert len(out) == results and len({json.loads(x)["custom_id"] for x in out}) == results
         assert [json.loads(x)["line"] for x in c.files.content(done.error_file_id).text.splitlines()] == [4]
         message = done.errors.data[0].message
+        assert done.errors.data[0].code == ("cannot_resume" if how == "changed setting" else "job_failed")
+        assert ("max_tokens: 256 -> 99" in message) == (how == "changed setting"), message
         assert str(tmp_path) not in message and "/" not in message.replace("/v1", ""), message  # no server paths
 
 

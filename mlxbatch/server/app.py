@@ -21,7 +21,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -335,6 +335,9 @@ async def create_file(request: Request) -> Response:
                 piece.clear()
         await run_in_threadpool(upload.write, bytes(piece))
         meta = await run_in_threadpool(upload.finish)
+    except ClientDisconnect:
+        upload.abort()
+        return Response(status_code=499)  # nobody is left to answer
     except BaseException:
         upload.abort()
         raise

@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from mlxbatch.engine.config import EngineConfig
-from mlxbatch.errors import Interrupted, MlxbatchError
+from mlxbatch.errors import Interrupted, MlxbatchError, ResumeError
 from mlxbatch.job import source
 from mlxbatch.job.spec import JobSpec
 from mlxbatch.output import journal
@@ -38,6 +38,16 @@ WINDOWS = ("24h",)
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 _WINDOW_SECONDS = 24 * 3600
+
+
+def _resume_message(exc: ResumeError) -> str:
+    """The job's refusal to resume, said for the server (its settings, not a command line, changed)."""
+    changes = [x.strip() for x in str(exc).splitlines() if x.startswith("  ")]
+    if not changes:
+        return str(exc)
+    return (f"this batch cannot resume: what it runs with changed since it started ({'; '.join(changes)}). "
+            "Its committed rows are in its output and error files; start the server "
+            "with the earlier settings to finish the rest.")
 
 
 def _not_found(bid) -> ApiError:
@@ -225,6 +235,8 @@ class BatchStore:
         except Interrupted:
             if self._load(bid)["status"] == "cancelling":
                 self._finish(bid, "cancelled", cancelled_at=int(time.time()))
+        except ResumeError as exc:
+            self._fail(bid, "cannot_resume", _resume_message(exc))
         except MlxbatchError as exc:
             self._fail(bid, "job_failed", str(exc))
         except Exception as exc:  # a bug: the batch fails, the server stays up
