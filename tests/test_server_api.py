@@ -309,6 +309,7 @@ def test_unfinished_uploads_are_removed_at_start(tmp_path):
     (tmp_path / "files" / "file-kept.jsonl").write_bytes(b"{}\n")
     (tmp_path / "files" / "file-0rphan.jsonl").write_bytes(b"{}\n")  # its copy finished, its metadata never did
     (tmp_path / "files" / ".file-1rphan.part").write_bytes(b"{")  # killed while copying
+    (tmp_path / "files" / "file-2rphan.json.tmp").write_bytes(b"{")  # killed while writing the metadata
     store = FileStore(tmp_path / "files")
     assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["file-kept.json", "file-kept.jsonl"]
     assert [m["id"] for m in store.list()] == [kept["id"]]

@@ -60,10 +60,11 @@ class FileStore:
         self._remove_unfinished()
 
     def _remove_unfinished(self) -> None:
-        """Uploads a killed server left: a partial copy, or a whole one whose metadata was never written."""
+        """What a killed server left: a partial upload, a whole one whose metadata was never written, a
+        metadata temporary."""
         for p in self.folder.iterdir():
             is_orphan = p.name.endswith(".jsonl") and not p.with_suffix(".json").exists()
-            if (p.name.startswith(".") and p.name.endswith(_PART)) or is_orphan:
+            if (p.name.startswith(".") and p.name.endswith(_PART)) or p.name.endswith(".json.tmp") or is_orphan:
                 p.unlink(missing_ok=True)
 
     def _meta_path(self, fid: str) -> Path:
