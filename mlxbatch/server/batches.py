@@ -173,11 +173,11 @@ class BatchStore:
     def delete_file(self, fid: str) -> dict:
         """Delete a file, unless an unfinished batch reads it (409: its rows are read as it runs)."""
         with self._lock:
-            users = [b["id"] for b in self._all() if b.get("input_file_id") == fid and b.get("status") in UNFINISHED]
-            if users:
-                raise ApiError(409, f"file {fid} is the input of batch {users[0]}, which is "
-                               f"{self._load(users[0])['status']}; cancel it or wait for it to end first",
-                               param="file_id", code="file_in_use")
+            user = next((b for b in self._all() if b.get("input_file_id") == fid and b.get("status") in UNFINISHED),
+                        None)
+            if user is not None:
+                raise ApiError(409, f"file {fid} is the input of batch {user['id']}, which is {user['status']}; "
+                               "cancel it or wait for it to end first", param="file_id", code="file_in_use")
             return self.files.delete(fid)
 
     def _all(self):
