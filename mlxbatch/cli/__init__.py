@@ -193,13 +193,24 @@ def serve(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help=f"for requests that give none (default: {_D.max_tokens})"),
     max_queue: int = typer.Option(1024, "--max-queue", min=0, help="interactive requests waiting beyond the batch before 429"),
     ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="default: ignore for random: models"),
+    allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="comma list of extra Host names to answer (* for any; default: the bound address, and any name on 0.0.0.0)"),
+    allowed_origins: Optional[str] = typer.Option(None, "--allowed-origins", help="comma list of browser origins (web apps) allowed to call the API, with CORS (* for any; default: none)"),
+    served_model_name: Optional[List[str]] = typer.Option(None, "--served-model-name", help="another model name requests may give (repeatable; 'default' and the model's own name always work)"),
 ) -> None:
     """OpenAI-compatible server (chat, completions, Batch API) on one continuous-batching engine."""
     from mlxbatch.server import ServeOptions, serve_spec
     from mlxbatch.server import serve as run_server
 
-    spec = serve_spec(job, _options(ctx, "host", "port", "api_key", "data", "job", "max_queue"))
-    run_server(spec, ServeOptions(host=host, port=port, api_key=api_key, data=data, max_queue=max_queue))
+    opts = ServeOptions(host=host, port=port, api_key=api_key, data=data, max_queue=max_queue,
+                        allowed_hosts=_names(allowed_hosts), allowed_origins=_names(allowed_origins),
+                        served_model_names=tuple(served_model_name or ()))  # checked before the model loads
+    spec = serve_spec(job, _options(ctx, "host", "port", "api_key", "data", "job", "max_queue", "allowed_hosts",
+                                    "allowed_origins", "served_model_name"))
+    run_server(spec, opts)
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
 
 @app.command("export")

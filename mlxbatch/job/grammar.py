@@ -37,7 +37,11 @@ class GrammarError(ValueError):
 def json_constraint(schema) -> Constraint:
     if not isinstance(schema, (dict, bool)):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return Constraint("json", orjson.dumps(schema).decode())  # keys kept in order: properties are generated so
+    try:
+        text = orjson.dumps(schema).decode()  # keys kept in order: properties are generated so
+    except orjson.JSONEncodeError as exc:  # nested past orjson's limit (255 levels), or not JSON at all
+        raise GrammarError(f"the schema cannot be read ({exc}; JSON nested over 255 levels is refused)") from None
+    return Constraint("json", text)
 
 
 def regex_constraint(pattern) -> Constraint:

@@ -156,7 +156,7 @@ class RecordMaker:
     def error(self, *, line: int, rid: str | None, code: str, message: str, custom_id: str | None = None,
               is_openai: bool = False) -> bytes:
         rec = {"id": rid, "line": line, "error": {"code": code, "message": message}}
-        if is_openai or custom_id:
+        if is_openai or custom_id or self.fmt == "openai":  # an OpenAI Batch error file: every record alike
             rec = {"id": "batch_req_" + _short_hash(custom_id or f"line-{line}"), "custom_id": custom_id,
                    "line": line, "response": None, "error": {"code": code, "message": message}}
         return orjson.dumps(rec, option=_DUMP)

@@ -68,6 +68,14 @@ class ServeOptions:
     api_key: str | None = None
     data: Path = Path("mlxbatch-data")
     max_queue: int = 1024  # interactive samples waiting beyond the batch before 429
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered beyond the bound address ("*": any)
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
+    served_model_names: tuple[str, ...] = ()  # names a request's `model` may give besides the model's own
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("--api-key is empty, so no request could ever match it; give a key, or leave "
+                             "--api-key (and MLXBATCH_API_KEY) out to serve without one")
 
 
 def build(spec, opts: ServeOptions, lm=None):
@@ -92,7 +100,8 @@ def build(spec, opts: ServeOptions, lm=None):
     batches = BatchStore(opts.data / "batches", files, lm=lm, engine_loop=engine_loop, spec=spec,
                          grammars=grammars)
     srv = Server(lm, engine_loop, files, batches, Renderer(spec, lm.tokenizer, lm.context_length),
-                 RecordMaker("openai", lm.name, lm.tokenizer), grammars, opts.api_key, time.time())
+                 RecordMaker("openai", lm.name, lm.tokenizer), grammars, opts.api_key, time.time(),
+                 aliases=opts.served_model_names)
 
     def on_start():
         engine_loop.start()
@@ -104,7 +113,8 @@ def build(spec, opts: ServeOptions, lm=None):
         batches.stop_all()
         engine_loop.stop()
 
-    return srv, build_app(srv, on_start=on_start, on_stop=on_stop)
+    return srv, build_app(srv, on_start=on_start, on_stop=on_stop, host=opts.host,
+                          allowed_hosts=opts.allowed_hosts, allowed_origins=opts.allowed_origins)
 
 
 def serve(spec, opts: ServeOptions) -> None:

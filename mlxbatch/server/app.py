@@ -10,6 +10,7 @@ mlxbatch refuses rather than ignores, response and SSE chunk shapes (bodies from
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -20,7 +21,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -31,11 +32,15 @@ from mlxbatch.output.records import RecordMaker
 from mlxbatch.server.batches import BatchStore
 from mlxbatch.server.engine_loop import EngineLoop, QueueFull, Ticket
 from mlxbatch.server.errors import ApiError, from_row_error
-from mlxbatch.server.files import PURPOSES, FileStore
+from mlxbatch.server.files import FileStore, boundary_of
+from mlxbatch.server.guard import guard
 from mlxbatch.types import Row
+
+log = logging.getLogger("mlxbatch.server")
 
 MAX_BODY_BYTES = 8 << 20  # a request body (the same cap as one input line of a job)
 MAX_UPLOAD_BYTES = 1 << 30  # an uploaded batch file
+_UPLOAD_PIECE = 1 << 20  # upload bytes handed to the worker thread at a time
 _POLL_SECONDS = 1.0  # how often a waiting non-streamed request checks that its client is still there
 # OpenAI fields mlxbatch cannot honour: refused (400 naming the field) rather than silently ignored.
 _REFUSED = {
@@ -70,10 +75,12 @@ class Server:
     grammars: Grammars
     api_key: str | None = None
     started: float = 0.0
+    aliases: tuple[str, ...] = ()  # --served-model-name
 
     @property
     def model_names(self) -> set[str]:
-        names = {self.lm.name}
+        """What a request's `model` may say: "default" (mlx-lm's server examples send it), the model, its aliases."""
+        names = {self.lm.name, "default", *self.aliases}
         if self.lm.path is not None:
             names |= {str(self.lm.path), self.lm.path.name}
         return names
@@ -255,7 +262,8 @@ async def completions(request: Request) -> Response:
 # ------------------------------------------------------------ models, health, metrics
 async def list_models(request: Request) -> Response:
     srv: Server = request.app.state.server
-    return _json({"object": "list", "data": [_model(srv)]})
+    names = dict.fromkeys((srv.lm.name, *srv.aliases))
+    return _json({"object": "list", "data": [_model(srv, name) for name in names]})
 
 
 async def get_model(request: Request) -> Response:
@@ -263,11 +271,11 @@ async def get_model(request: Request) -> Response:
     if request.path_params["model"] not in srv.model_names:
         raise ApiError(404, f"the model {request.path_params['model']!r} does not exist", param="model",
                        code="model_not_found")
-    return _json(_model(srv))
+    return _json(_model(srv, request.path_params["model"]))
 
 
-def _model(srv: Server) -> dict:
-    return {"id": srv.lm.name, "object": "model", "created": int(srv.started), "owned_by": "mlxbatch"}
+def _model(srv: Server, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(srv.started), "owned_by": "mlxbatch"}
 
 
 async def health(request: Request) -> Response:
@@ -311,38 +319,47 @@ async def metrics(request: Request) -> Response:
 
 # ------------------------------------------------------------ files
 async def create_file(request: Request) -> Response:
+    """The body is handed to a worker thread in ~1 MiB pieces: parsing and disk writes never hold up the loop."""
     srv: Server = request.app.state.server
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_UPLOAD_BYTES + (1 << 20):
         raise ApiError(413, f"upload is {int(length):,} bytes; the limit is {MAX_UPLOAD_BYTES:,}",
                        code="file_too_large")
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(400, "upload a file as multipart/form-data with fields 'file' and 'purpose'",
-                       param="file", code="invalid_value")
+    upload = srv.files.open_upload(boundary_of(request.headers.get("content-type", "")), max_bytes=MAX_UPLOAD_BYTES)
     try:
-        form = await request.form(max_files=1, max_fields=8)
-    except Exception as exc:  # malformed multipart, too many parts
-        raise ApiError(400, f"could not read the multipart body ({exc})", param="file", code="invalid_value") from None
-    try:
-        purpose = form.get("purpose")
-        if purpose not in PURPOSES:
-            raise ApiError(400, f"purpose is {purpose!r}; supported: {', '.join(PURPOSES)}", param="purpose",
-                           code="invalid_value")
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "no file: send the JSONL file in the 'file' field", param="file",
-                           code="invalid_value")
-        meta = await srv.files.upload(upload, filename=upload.filename or "upload.jsonl", purpose=purpose,
-                                      max_bytes=MAX_UPLOAD_BYTES)
-    finally:
-        await form.close()
+        piece = bytearray()
+        async for chunk in request.stream():
+            piece += chunk
+            if len(piece) >= _UPLOAD_PIECE:
+                await run_in_threadpool(upload.write, bytes(piece))
+                piece.clear()
+        await run_in_threadpool(upload.write, bytes(piece))
+        meta = await run_in_threadpool(upload.finish)
+    except ClientDisconnect:
+        upload.abort()
+        return Response(status_code=499)  # nobody is left to answer
+    except BaseException:
+        upload.abort()
+        raise
     return _json(FileStore.public(meta))
 
 
 async def list_files(request: Request) -> Response:
     srv: Server = request.app.state.server
-    data = [FileStore.public(m) for m in srv.files.list(request.query_params.get("purpose"))]
-    return _json({"object": "list", "data": data, "has_more": False})
+    q = request.query_params
+    limit = _int_param(q, "limit", 10_000, 1, 10_000)
+    order = q.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order", code="invalid_value")
+    return _json(srv.files.page(purpose=q.get("purpose"), limit=limit, after=q.get("after"), order=order))
+
+
+def _int_param(q, name: str, default: int, low: int, high: int) -> int:
+    raw = q.get(name, str(default))
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"{name} must be an integer in [{low}, {high}], got {raw!r}", param=name,
+                       code="invalid_value")
+    return int(raw)
 
 
 async def get_file(request: Request) -> Response:
@@ -358,7 +375,7 @@ async def file_content(request: Request) -> Response:
 
 async def delete_file(request: Request) -> Response:
     srv: Server = request.app.state.server
-    return _json(srv.files.delete(request.path_params["file_id"]))
+    return _json(await run_in_threadpool(srv.batches.delete_file, request.path_params["file_id"]))
 
 
 # ------------------------------------------------------------ batches
@@ -375,10 +392,8 @@ async def get_batch(request: Request) -> Response:
 
 async def list_batches(request: Request) -> Response:
     srv: Server = request.app.state.server
-    raw = request.query_params.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise ApiError(400, f"limit must be an integer in [1, 100], got {raw!r}", param="limit", code="invalid_value")
-    page = srv.batches.list(limit=int(raw), after=request.query_params.get("after"))
+    limit = _int_param(request.query_params, "limit", 20, 1, 100)
+    page = srv.batches.list(limit=limit, after=request.query_params.get("after"))
     page["data"] = [BatchStore.public(b) for b in page["data"]]
     return _json(page)
 
@@ -416,7 +431,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    return _error(ApiError(500, f"internal error: {exc!r}", code="internal_error"))
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    # The exception's text may name server paths: it goes to the log, not to the client.
+    return _error(ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                           code="internal_error"))
 
 
 ROUTES = [
@@ -438,7 +456,8 @@ ROUTES = [
 ]
 
 
-def build_app(srv: Server, *, on_start=None, on_stop=None) -> object:
+def build_app(srv: Server, *, on_start=None, on_stop=None, host: str = "127.0.0.1",
+              allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> object:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -455,4 +474,5 @@ def build_app(srv: Server, *, on_start=None, on_stop=None) -> object:
         ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.server = srv
     app.state.rate = (time.monotonic(), 0)
-    return _ApiKey(app, srv.api_key)
+    return guard(_ApiKey(app, srv.api_key), host=host, allowed_hosts=allowed_hosts,
+                 allowed_origins=allowed_origins)

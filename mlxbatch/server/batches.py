@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from mlxbatch.engine.config import EngineConfig
-from mlxbatch.errors import Interrupted, MlxbatchError
+from mlxbatch.errors import Interrupted, MlxbatchError, ResumeError
 from mlxbatch.job import source
 from mlxbatch.job.spec import JobSpec
 from mlxbatch.output import journal
@@ -29,7 +29,7 @@ from mlxbatch.output.fs import write_atomic
 from mlxbatch.output.journal import ERRORS, FILES, RESULTS
 from mlxbatch.runner import run_job
 from mlxbatch.server.errors import ApiError
-from mlxbatch.server.files import FileStore, new_id
+from mlxbatch.server.files import FileStore, is_id, new_id
 
 log = logging.getLogger("mlxbatch.server")
 
@@ -38,6 +38,21 @@ WINDOWS = ("24h",)
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 _WINDOW_SECONDS = 24 * 3600
+
+
+def _resume_message(exc: ResumeError) -> str:
+    """The job's refusal to resume, said for the server (its settings, not a command line, changed)."""
+    changes = [x.strip() for x in str(exc).splitlines() if x.startswith("  ")]
+    if not changes:
+        return str(exc)
+    return (f"this batch cannot resume: what it runs with changed since it started ({'; '.join(changes)}). "
+            "Its committed rows are in its output and error files; start the server "
+            "with the earlier settings to finish the rest.")
+
+
+def _not_found(bid) -> ApiError:
+    return ApiError(404, f"no such batch: {bid if is_id(bid) else '(not a batch id)'}", param="batch_id",
+                    code="batch_not_found")
 
 
 class _Running:
@@ -73,15 +88,15 @@ class BatchStore:
 
     # ------------------------------------------------------------ objects
     def _path(self, bid: str) -> Path:
-        if not bid or "/" in bid or bid.startswith("."):
-            raise ApiError(404, f"no such batch: {bid!r}", param="batch_id", code="batch_not_found")
+        if not is_id(bid):
+            raise _not_found(bid)
         return self.folder / bid / "batch.json"
 
     def _load(self, bid: str) -> dict:
         try:
             return orjson.loads(self._path(bid).read_bytes())
         except (OSError, orjson.JSONDecodeError):
-            raise ApiError(404, f"no such batch: {bid!r}", param="batch_id", code="batch_not_found") from None
+            raise _not_found(bid) from None
 
     def _save(self, b: dict) -> None:
         write_atomic(self._path(b["id"]), orjson.dumps(b))
@@ -95,18 +110,17 @@ class BatchStore:
     def get(self, bid: str) -> dict:
         with self._lock:
             b = self._load(bid)
-        run = self._running.get(bid)
-        if run is not None and run.loop is not None:  # live counts of a running job
-            cp = run.loop.cp
-            b["request_counts"] = {**b["request_counts"], "completed": cp.num_done - cp.num_errors,
-                                   "failed": cp.num_errors}
+        if b["status"] in UNFINISHED and bid in self._running:  # live counts: rows committed so far
+            state = read_state(self.folder / bid / "job")  # written at each commit, after the journal
+            done, errors = state.get("rows_done", 0), state.get("errors", 0)
+            b["request_counts"] = {**b["request_counts"], "completed": done - errors, "failed": errors}
         return b
 
     def list(self, *, limit: int, after: str | None) -> dict:
         ids = sorted((p.parent.name for p in self.folder.glob("*/batch.json")), key=self._created, reverse=True)
         if after is not None:
             if after not in ids:
-                raise ApiError(404, f"no such batch: {after!r}", param="after", code="batch_not_found")
+                raise ApiError(404, _not_found(after).message, param="after", code="batch_not_found")
             ids = ids[ids.index(after) + 1:]
         page = [self.get(i) for i in ids[:limit]]
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
@@ -135,6 +149,12 @@ class BatchStore:
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
             raise ApiError(400, "metadata must be an object of at most 16 string values", param="metadata",
                            code="invalid_value")
+        with self._lock:  # with delete_file's check: a file is never deleted under a new batch
+            b = self._new(fid, endpoint, window, metadata)
+        self._start(b["id"])
+        return b
+
+    def _new(self, fid: str, endpoint: str, window: str, metadata) -> dict:
         meta = self.files.get(fid)
         if meta["purpose"] != "batch":
             raise ApiError(400, f"file {fid} has purpose {meta['purpose']!r}; a batch reads a purpose 'batch' "
@@ -146,11 +166,26 @@ class BatchStore:
              "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
              "cancelling_at": None, "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
              "metadata": metadata, "model": self.lm.name, "input_path": str(self.files.path(meta))}
-        with self._lock:
-            self._path(b["id"]).parent.mkdir(parents=True)
-            self._save(b)
-        self._start(b["id"])
+        self._path(b["id"]).parent.mkdir(parents=True)
+        self._save(b)
         return b
+
+    def delete_file(self, fid: str) -> dict:
+        """Delete a file, unless an unfinished batch reads it (409: its rows are read as it runs)."""
+        with self._lock:
+            user = next((b for b in self._all() if b.get("input_file_id") == fid and b.get("status") in UNFINISHED),
+                        None)
+            if user is not None:
+                raise ApiError(409, f"file {fid} is the input of batch {user['id']}, which is {user['status']}; "
+                               "cancel it or wait for it to end first", param="file_id", code="file_in_use")
+            return self.files.delete(fid)
+
+    def _all(self):
+        for p in self.folder.glob("*/batch.json"):
+            try:
+                yield orjson.loads(p.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
 
     def cancel(self, bid: str) -> dict:
         with self._lock:
@@ -168,11 +203,7 @@ class BatchStore:
     def resume_all(self) -> list[str]:
         """Start every batch a previous server left unfinished (its job resumes from its journal)."""
         out = []
-        for p in sorted(self.folder.glob("*/batch.json")):
-            try:
-                b = orjson.loads(p.read_bytes())
-            except (OSError, orjson.JSONDecodeError):
-                continue
+        for b in sorted(self._all(), key=lambda b: b["id"]):
             if b.get("status") in UNFINISHED:
                 self._start(b["id"])
                 out.append(b["id"])
@@ -204,6 +235,8 @@ class BatchStore:
         except Interrupted:
             if self._load(bid)["status"] == "cancelling":
                 self._finish(bid, "cancelled", cancelled_at=int(time.time()))
+        except ResumeError as exc:
+            self._fail(bid, "cannot_resume", _resume_message(exc))
         except MlxbatchError as exc:
             self._fail(bid, "job_failed", str(exc))
         except Exception as exc:  # a bug: the batch fails, the server stays up
@@ -216,10 +249,8 @@ class BatchStore:
     def _run_job(self, bid: str, run: _Running) -> None:
         b = self._load(bid)
         spec = replace(self.spec, input=Path(b["input_path"]), output=self.folder / bid / "job").validate()
-        if b["status"] == "validating":
-            total = source.count_rows(spec.input)  # the file is readable and its rows are counted
-            self._update(bid, status="in_progress", in_progress_at=int(time.time()),
-                         request_counts={"total": total, "completed": 0, "failed": 0})
+        if b["status"] in ("validating", "cancelling") and not b["request_counts"]["total"]:
+            self._validated(bid, source.count_rows(spec.input))  # the file is readable and its rows are counted
         feed = self.engine_loop.open_feed()
         try:
             run_job(spec, lm=self.lm, engine_factory=lambda lm, config: self._shared(feed, config),
@@ -229,6 +260,13 @@ class BatchStore:
         self._update(bid, status="finalizing", finalizing_at=b.get("finalizing_at") or int(time.time()))
         self._finish(bid, "completed", completed_at=int(time.time()))
 
+    def _validated(self, bid: str, total: int) -> None:
+        """Validating -> in_progress; a cancel that came meanwhile stays (the job then stops at once)."""
+        with self._lock:
+            b = self._load(bid)
+            moved = {"status": "in_progress", "in_progress_at": int(time.time())} if b["status"] == "validating" else {}
+            self._update(bid, request_counts={"total": total, "completed": 0, "failed": 0}, **moved)
+
     def _shared(self, feed, config: EngineConfig):
         """The server's engine (through `feed`) for a batch job, whose engine settings are the server's:
         a batch's own would be dropped, so a difference is a bug caught here, not a silent change."""
@@ -237,11 +275,11 @@ class BatchStore:
                                f"{self.engine_loop.config}")
         return feed
 
-    def _finish(self, bid: str, status: str, **stamps) -> None:
+    def _finish(self, bid: str, status: str, **changes) -> None:
         """Publish the output and error files (the job's committed records) and the final counts."""
         folder = self.folder / bid / "job"
-        state = read_state(folder)
-        ends = journal.read(folder).ends if folder.is_dir() else [0, 0]
+        view = journal.read(folder) if (folder / journal.JOURNAL).exists() else None
+        ends, done, errors = (view.ends, view.num_rows, view.num_errors) if view else ([0, 0], 0, 0)
         ids = {}
         for fid, key, name in ((RESULTS, "output_file_id", "output"), (ERRORS, "error_file_id", "errors")):
             size = ends[fid]
@@ -249,17 +287,31 @@ class BatchStore:
                 ids[key] = self.files.add_output(f"file-{bid}-{name}", filename=f"{bid}_{name}.jsonl",
                                                  path=folder / FILES[fid], size=size)["id"]
         b = self._load(bid)
-        done, errors = state.get("rows_done", 0), state.get("errors", 0)
-        counts = {"total": max(b["request_counts"]["total"], state.get("rows_total", 0)),
+        counts = {"total": max(b["request_counts"]["total"], read_state(folder).get("rows_total", 0)),
                   "completed": done - errors, "failed": errors}
-        self._update(bid, status=status, request_counts=counts, **ids, **stamps)
+        self._update(bid, status=status, request_counts=counts, **ids, **changes)
 
     def _fail(self, bid: str, code: str, message: str) -> None:
+        """Failed, with every committed row published all the same (a batch that cannot resume keeps them)."""
         if self._is_stopping:
             return
-        self._update(bid, status="failed", failed_at=int(time.time()),
-                     errors={"object": "list", "data": [{"code": code, "message": message, "param": None,
-                                                         "line": None}]})
+        error = {"code": code, "message": self._public(bid, message), "param": None, "line": None}
+        try:
+            self._finish(bid, "failed", failed_at=int(time.time()), errors={"object": "list", "data": [error]})
+        except (OSError, MlxbatchError):  # a job folder too damaged to read: failed without its rows
+            log.exception("batch %s: its committed rows could not be published", bid)
+            self._update(bid, status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [error]})
+
+    def _public(self, bid: str, message: str) -> str:
+        """A message for API clients: the server's own paths replaced by what the client knows them as."""
+        b = self._load(bid)
+        data = self.folder.parent
+        for path, name in ((b.get("input_path"), f"input file {b['input_file_id']}"),
+                           (self.folder / bid / "job", f"batch {bid}"), (data.resolve(), "the server's data folder"),
+                           (data, "the server's data folder")):
+            if path:
+                message = message.replace(str(path), name)
+        return message
 
     @staticmethod
     def public(b: dict) -> dict:
