@@ -91,7 +91,7 @@ def build(spec, opts: ServeOptions, lm=None):
     grammars = _LockedGrammars(lm.tokenizer)
     batches = BatchStore(opts.data / "batches", files, lm=lm, engine_loop=engine_loop, spec=spec,
                          grammars=grammars)
-    srv = Server(lm, engine_loop, files, batches, Renderer(spec, lm.tokenizer, lm.context_length),
+    srv = Server(lm, engine_loop, files, batches, Renderer(spec, lm.tokenizer, lm.context_length, names=lm.names),
                  RecordMaker("openai", lm.name, lm.tokenizer), grammars, opts.api_key, time.time())
 
     def on_start():
