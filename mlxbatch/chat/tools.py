@@ -184,8 +184,10 @@ def openai_calls(calls: list[dict], id_base: str, start: int = 0) -> list[dict]:
 
 
 # ------------------------------------------------------------ forced calls
-def forced_constraint(spec: ToolSpec, fmt: ChatFormat, tokenizer, *, is_reasoning_open: bool) -> Constraint:
-    """A grammar that makes the model call one of the forced functions in its own syntax."""
+def forced_constraint(spec: ToolSpec, fmt: ChatFormat, tokenizer, *, is_reasoning_open: bool,
+                      max_reasoning_tokens: int) -> Constraint:
+    """A grammar that makes the model call one of the forced functions in its own syntax; a prompt that
+    leaves <think> open may think first, for at most `max_reasoning_tokens` (then it must close and call)."""
     tf = fmt.tools
     fns = spec.forced_functions()
     lit = _literal(tokenizer)
@@ -203,24 +205,23 @@ def forced_constraint(spec: ToolSpec, fmt: ChatFormat, tokenizer, *, is_reasonin
         body = f"start: pre {lit('[TOOL_CALLS]')} calls"
         rules = [f"calls: %json {_schema(items)}"]
     elif tf.name == "harmony":
-        return _harmony(fns, lit)
+        return _harmony(fns, lit, max_reasoning_tokens)
     else:
         raise ToolError(f"tool_choice \"required\" or a named function is not supported for {tf.name} tool calls "
                         "(use \"auto\")", "tool_choice")
-    return Constraint("lark", "\n".join([body, _reasoning_prefix(fmt, lit, is_reasoning_open), *rules]))
+    pre = [f'pre: thought {lit(THINK[1])} /[ \\n]*/', _thought(max_reasoning_tokens)] \
+        if is_reasoning_open and fmt.reasoning == "think" else ['pre: ""']
+    return Constraint("lark", "\n".join([body, *pre, *rules]))
 
 
-def _reasoning_prefix(fmt: ChatFormat, lit, is_open: bool) -> str:
-    """`pre`: the thinking a think-format model may do before its forced call."""
-    if fmt.reasoning != "think":
-        return 'pre: ""'
-    thought = f'/(.|\\n)*/ {lit(THINK[1])} /[ \\n]*/'
-    return f"pre: {thought}" if is_open else f'pre: "" | {lit(THINK[0])} {thought}'
+def _thought(max_tokens: int) -> str:
+    return f"thought[max_tokens={max(1, max_tokens)}]: /(.|\\n)*/"
 
 
-def _harmony(fns: list[dict], lit) -> Constraint:
+def _harmony(fns: list[dict], lit, max_reasoning_tokens: int) -> Constraint:
     lines = [f'start: (analysis {lit("<|start|>")} "assistant")? call',
-             f'analysis: {lit("<|channel|>")} "analysis" {lit("<|message|>")} /(.|\\n)*/ {lit("<|end|>")}',
+             f'analysis: {lit("<|channel|>")} "analysis" {lit("<|message|>")} thought {lit("<|end|>")}',
+             _thought(max_reasoning_tokens),
              "call: " + " | ".join(f"call{i}" for i in range(len(fns)))]
     for i, f in enumerate(fns):
         lines.append(f'call{i}: {lit("<|channel|>")} "commentary to=functions.{f["name"]} " {lit("<|constrain|>")} '

@@ -196,7 +196,8 @@ class Renderer:
         if item.tools is None or not item.tools.is_forced:
             return item
         try:
-            c = forced_constraint(item.tools, self.chat, self.tokenizer, is_reasoning_open=is_open)
+            c = forced_constraint(item.tools, self.chat, self.tokenizer, is_reasoning_open=is_open,
+                                  max_reasoning_tokens=item.params.max_tokens // 2)
             grammar_of(c)
         except ToolError as exc:
             return RowError("invalid_field", f"line {item.line}: {exc.message}", param=exc.param)
