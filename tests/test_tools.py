@@ -13,7 +13,8 @@ from tests.conftest import read_jsonl, write_jsonl
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                     "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"]}}}
+                                     "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"],
+    "additionalProperties": False}}}
 NAMES = ["get_weather", "get_time"]
 
 
@@ -133,7 +134,7 @@ def test_batch_job_with_tools_and_a_thinking_template(tool_model, tmp_path):
     from mlxbatch.job.spec import build_spec
     from mlxbatch.runner import run_job
 
-    forced = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 96}
+    forced = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 128}
     rows = [_line("forced", **forced),
             _line("named", **{**forced, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
             _line("free", tools=[WEATHER]),
@@ -168,7 +169,7 @@ def test_results_records_carry_reasoning_and_tool_calls(tool_model, tmp_path):
     from mlxbatch.runner import run_job
 
     rows = [{"id": "a", "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER],
-             "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 96},
+             "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 128},
             {"id": "b", "prompt": "Hi", "enable_thinking": False, "max_tokens": 8}]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     for mode in ("split", "drop", "keep"):

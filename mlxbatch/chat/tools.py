@@ -209,7 +209,7 @@ def forced_constraint(spec: ToolSpec, fmt: ChatFormat, tokenizer, *, is_reasonin
     else:
         raise ToolError(f"tool_choice \"required\" or a named function is not supported for {tf.name} tool calls "
                         "(use \"auto\")", "tool_choice")
-    pre = [f'pre: thought {lit(THINK[1])} /[ \\n]*/', _thought(max_reasoning_tokens)] \
+    pre = [f'pre: thought {lit(THINK[1])} /\\n{{0,2}}/', _thought(max_reasoning_tokens)] \
         if is_reasoning_open and fmt.reasoning == "think" else ['pre: ""']
     return Constraint("lark", "\n".join([body, *pre, *rules]))
 
