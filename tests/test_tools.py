@@ -180,3 +180,75 @@ def test_results_records_carry_reasoning_and_tool_calls(tool_model, tmp_path):
         assert recs["a"]["finish_reason"] == "tool_calls" and len(recs["a"]["tool_calls"]) == 1
         assert ("reasoning" in recs["a"]) == (mode == "split")
         assert "tool_calls" not in recs["b"]
+
+
+def test_tools_on_a_model_without_a_tool_format_name_the_model(tiny):
+    from mlxbatch.errors import RowError
+    from mlxbatch.job.render import Renderer
+    from mlxbatch.job.spec import JobSpec
+    from mlxbatch.types import Row
+
+    r = Renderer(JobSpec(model="random:tiny"), tiny.tokenizer, tiny.context_length, names=tiny.names)
+    (err,) = r.render_many([Row(0, 1, _line("t", tools=[WEATHER]))])
+    assert isinstance(err, RowError) and err.param == "tools" and "'random:tiny'" in err.message
+
+
+# ------------------------------------------------------------ a real server, the official client
+def _call_args(call) -> dict:
+    return json.loads(call.function.arguments)
+
+
+def test_openai_client_runs_a_two_turn_tool_loop(tool_model, tmp_path):
+    pytest.importorskip("openai")
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.test_server import ServerProc
+
+    srv = ServerProc(tmp_path / "data", model=str(tool_model)).start()
+    try:
+        client = srv.client()
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        ask = dict(model="default", tools=[WEATHER], parallel_tool_calls=False, max_tokens=128)
+        r = client.chat.completions.create(messages=messages, tool_choice="required", **ask)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather"
+        jsonschema.validate(_call_args(call), WEATHER["function"]["parameters"])
+        assert isinstance(choice.message.model_extra.get("reasoning_content"), str)
+
+        # The same request streamed: one call delta with the same call, then finish_reason tool_calls.
+        calls, finish, reasoning = {}, None, ""
+        for chunk in client.chat.completions.create(messages=messages, stream=True, **ask,
+                                                    tool_choice={"type": "function",
+                                                                 "function": {"name": "get_weather"}}):
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            for tc in delta.tool_calls or []:
+                calls.setdefault(tc.index, tc)
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "tool_calls" and list(calls) == [0]
+        assert _call_args(calls[0]) == _call_args(call) and calls[0].id
+        assert reasoning == choice.message.model_extra["reasoning_content"]
+
+        # Turn two: the assistant's call and the tool's result render through the template.
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 14})}]
+        final = client.chat.completions.create(messages=messages, tools=[WEATHER], tool_choice="none",
+                                               max_tokens=16, model="default",
+                                               extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert final.choices[0].finish_reason in ("stop", "length")
+        assert final.choices[0].message.tool_calls is None and isinstance(final.choices[0].message.content, str)
+
+        # Bad tools: a 400 naming the field.
+        for extra, param in [({"tools": "get_weather"}, "tools"),
+                             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                                 "type": "nope"}}}]}, "tools[0].function.parameters"),
+                             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+                              "tool_choice"),
+                             ({"logit_bias": {"1": 2}}, "logit_bias"), ({"suffix": "x"}, "suffix"),
+                             ({"model": "gpt-4o"}, "model")]:
+            status, body = srv.request("POST", "/v1/chat/completions",
+                                       {"messages": messages[:1], "max_tokens": 2, **extra})
+            assert status == (404 if param == "model" else 400) and body["error"]["param"] == param, body
+    finally:
+        assert srv.stop() in (0, 130), srv.read_log()
