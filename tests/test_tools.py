@@ -252,3 +252,20 @@ def test_openai_client_runs_a_two_turn_tool_loop(tool_model, tmp_path):
             assert status == (404 if param == "model" else 400) and body["error"]["param"] == param, body
     finally:
         assert srv.stop() in (0, 130), srv.read_log()
+
+
+def test_export_keeps_or_drops_the_reasoning(tool_model, tmp_path):
+    from mlxbatch.job.spec import build_spec
+    from mlxbatch.output.export import export
+    from mlxbatch.runner import run_job
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"Think about {i}", "max_tokens": 6}
+                                               for i in range(3)])
+    spec = build_spec(None, {"input": src, "model": str(tool_model), "dtype": "fp32", "output_format": "chat"})
+    run_job(spec)
+    for mode in ("keep", "drop"):
+        export(spec.output_dir, fmt="chat", split="1", to=tmp_path / mode, drop_truncated=False, dedupe=False,
+               reasoning=mode)
+        recs = read_jsonl(tmp_path / mode / "train.jsonl")
+        assert len(recs) == 3
+        assert all(("reasoning_content" in r["messages"][-1]) == (mode == "keep") for r in recs), recs
