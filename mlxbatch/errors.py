@@ -50,7 +50,8 @@ class Interrupted(MlxbatchError):
 class RowError(Exception):
     """One input row is invalid; becomes an error record, never stops the job."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, *, param: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the field at fault, where known (the server's 400 names it)

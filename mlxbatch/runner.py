@@ -126,8 +126,9 @@ class JobLoop:
                  progress: Callable[[JobStats], None] | None, engine_factory: Callable[..., BatchEngine] = Engine):
         self.spec, self.lm, self.cp, self.stats = spec, lm, cp, stats
         self.progress = progress or (lambda s: None)
-        self.renderer = Renderer(spec, lm.tokenizer, lm.context_length)
-        self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer, spec.adapter_names)
+        self.renderer = Renderer(spec, lm.tokenizer, lm.context_length, names=lm.names)
+        self.maker = RecordMaker(spec.output_format, lm.name, lm.tokenizer, spec.adapter_names,
+                                 reasoning=spec.reasoning)
         self.grammars = Grammars(lm.tokenizer)  # compiles each distinct constraint once, on first use
         self.rows = source.read_rows(spec.input)
         self.is_exhausted = False

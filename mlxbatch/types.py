@@ -32,8 +32,8 @@ class Row:
 class Constraint:
     """What a row's output must match (structured output); job/grammar.py compiles it."""
 
-    kind: str  # "json" (a JSON schema) | "regex"
-    text: str  # the schema as canonical JSON text, or the pattern
+    kind: str  # "json" (a JSON schema) | "regex" | "lark" (a forced tool call: chat/tools.py)
+    text: str  # the schema as canonical JSON text, the pattern, or the grammar
 
     @property
     def is_json(self) -> bool:
@@ -70,6 +70,9 @@ class Item:
     model_field: str | None = None
     kept: dict = field(default_factory=dict)
     adapters: tuple[int, ...] = ()  # the job's adapters this row runs with, in order; () when it has none
+    tools: object = None  # chat.tools.ToolSpec when the row gives tools
+    enable_thinking: bool | None = None  # the row's own switch for the template's thinking (None: the template's)
+    is_reasoning_open: bool = False  # the rendered prompt ends inside <think>: the output starts as reasoning
 
     @property
     def is_openai(self) -> bool:

@@ -52,7 +52,7 @@ def test_parquet_input_and_output(tmp_path):
 
 def test_openai_batch_round_trip(tmp_path):
     rows = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": "x", "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 5}}
+             "body": {"model": "default", "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 5}}
             for i in range(4)]
     rows.append({"custom_id": "t", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Once", "max_tokens": 4, "n": 2}})
     src = write_jsonl(tmp_path / "batch.jsonl", rows)

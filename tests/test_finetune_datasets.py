@@ -70,7 +70,7 @@ class BatchOutputLine(_Strict):
 
 def test_openai_output_matches_batch_schema(tmp_path):
     rows = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": "m", "messages": [{"role": "user", "content": f"q {i}"}], "max_tokens": 4,
+             "body": {"model": "random:tiny", "messages": [{"role": "user", "content": f"q {i}"}], "max_tokens": 4,
                       "logprobs": True, "top_logprobs": 2, "n": 1 + i % 2, "temperature": 0.5}} for i in range(4)]
     src = write_jsonl(tmp_path / "b.jsonl", rows)
     res = cli("run", src, "-o", tmp_path / "o", "--model", "random:tiny", "-q")

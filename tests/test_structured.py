@@ -171,7 +171,7 @@ def test_cut_off_rows_get_length_and_parsed_null_and_are_counted(tmp_path):
 
 
 def test_openai_lines_carry_the_json_in_message_content(tmp_path):
-    body = {"model": "m", "messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 40,
+    body = {"model": "default", "messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 40,
             "response_format": _rf({"type": "object", "properties": {"ok": {"type": "boolean"}},
                                     "required": ["ok"], "additionalProperties": False})}
     rows = write_jsonl(tmp_path / "batch.jsonl", [{"custom_id": f"c{i}", "method": "POST",

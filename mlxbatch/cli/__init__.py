@@ -80,6 +80,7 @@ def run(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster: auto or host:port (default: start a local one)"),
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="mlx-lm LoRA/DoRA adapter: a folder, a *_adapters.safetensors checkpoint, NAME=PATH or NAME=none (the base model); repeatable, rows pick one with an 'adapter' field (default: the first)"),
     each_adapter: Optional[bool] = typer.Option(None, "--each-adapter", help="run every row once per --adapter (side-by-side comparison)"),
+    reasoning: Optional[str] = typer.Option(None, "--reasoning", help="a thinking model's reasoning: split (a 'reasoning' field beside the output), keep (left in the output) or drop (default: split)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
     profile_start: bool = typer.Option(False, "--profile-start", help="print where the first seconds went (imports, model, tokenizer, first steps)"),
 ) -> None:
@@ -226,12 +227,14 @@ def export_cmd(
     parquet: bool = typer.Option(False, "--parquet", help="also write .parquet files"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="only the records this adapter (of the job's --adapter names) made"),
     by_adapter: bool = typer.Option(False, "--by-adapter", help="one folder of splits per adapter: TO/NAME/train.jsonl ..."),
+    reasoning: str = typer.Option("keep", "--reasoning", help="keep (chat: the assistant's reasoning_content; completions: <think>...</think> before the completion) or drop a thinking model's reasoning"),
 ) -> None:
     """Write train/valid files that mlx-lm's LoRA trainer (and TRL) read as they are."""
     from mlxbatch.output.export import export
 
     info = export(folder, fmt=fmt, split=split, to=to, drop_truncated=drop_truncated, dedupe=dedupe,
-                  seed=seed, parquet=parquet, order=order, adapter=adapter, by_adapter=by_adapter)
+                  seed=seed, parquet=parquet, order=order, adapter=adapter, by_adapter=by_adapter,
+                  reasoning=reasoning)
     for where, part in ({to / k: v for k, v in info.items()} if by_adapter else {to: info}).items():
         typer.echo(f"wrote {where}: " + ", ".join(f"{k} {v}" for k, v in part.items() if k != "dropped")
                    + f"; dropped {part['dropped']}")

@@ -98,10 +98,16 @@ def _compile_text(c: Constraint) -> str | GrammarError:
     from llguidance import LLMatcher
 
     try:
-        grammar = (LLMatcher.grammar_from_json_schema(c.text, defaults=JSON_OPTIONS) if c.is_json else LLMatcher.grammar_from_regex(c.text))
+        if c.kind == "lark":  # a forced tool call (chat/tools.py), written for one model's tokenizer
+            grammar = LLMatcher.grammar_from_lark(c.text)
+        elif c.is_json:
+            grammar = LLMatcher.grammar_from_json_schema(c.text, defaults=JSON_OPTIONS)
+        else:
+            grammar = LLMatcher.grammar_from_regex(c.text)
     except ValueError as exc:
         return GrammarError(str(exc))
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    messages = [m for m in messages if not m.startswith("no tokenizer")]  # token ids: checked when compiled
     if is_error or messages:  # a warning names something the grammar would not enforce: refused, not dropped
         return GrammarError(" ".join(m.strip() for m in messages))
     return grammar

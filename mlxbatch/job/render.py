@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
+from mlxbatch.chat.formats import THINK, chat_format
+from mlxbatch.chat.tools import ToolError, forced_constraint, message_extras
 from mlxbatch.errors import RowError
 from mlxbatch.job.deadline import TimeLimitExceeded, time_limit
 from mlxbatch.job.grammar import GrammarError, from_response_format, grammar_of
+from mlxbatch.job.openai_body import DEFAULT_MODEL_NAME, check_body, model_names, tools_of
 from mlxbatch.job.spec import ROW_KEYS, RULES, JobSpec, logprobs_setting
 from mlxbatch.types import Item, Row, SamplingParams
 
@@ -41,11 +44,15 @@ def derive_seed(*parts) -> int:
 
 
 class Renderer:
-    def __init__(self, spec: JobSpec, tokenizer, context_length: int):
+    def __init__(self, spec: JobSpec, tokenizer, context_length: int, *, names: set[str] | None = None):
+        """`names`: what a Batch line's `model` may say (the loaded model's `names`; without a model,
+        those of the job's --model); the job's adapter names too, as a line's model selects one."""
         self.spec = spec
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.has_template = getattr(tokenizer, "chat_template", None) is not None
+        self.names = (names or model_names(spec.model)) | set(spec.adapter_names)
+        self.chat = chat_format(tokenizer, spec.model)
 
     def render(self, row: Row) -> Item:
         if row.error:
@@ -93,8 +100,10 @@ class Renderer:
         body = data.get("body")
         if not isinstance(body, dict):
             raise RowError("invalid_field", f"line {line}: field 'body' must be an object")
-        model_field = body.get("model") if isinstance(body.get("model"), str) else None
-        if OPENAI_URLS[url] == "chat":
+        is_chat = OPENAI_URLS[url] == "chat"
+        check_body(body, line=line, is_chat=is_chat, names=self.names, model=self.spec.model)
+        model_field = body.get("model") if body.get("model") != DEFAULT_MODEL_NAME else None
+        if is_chat:
             messages = _messages(body.get("messages"), line, "body.messages")
             return self._item(row, cid, "openai-chat", body, messages=self._with_system(messages),
                               custom_id=cid, model_field=model_field)
@@ -106,8 +115,16 @@ class Renderer:
         params, n = self._params(overrides, row.line, kind == "openai-chat")
         kept = {k: row.data[k] for k in self.spec.keep_fields if k in row.data}
         adapters = self._adapters(row, overrides if kind.startswith("openai") else None)
+        tools = tools_of(overrides, row.line) if kind != "openai-completion" else None
+        if tools is not None and tools.is_on and self.tokenizer is not None and self.chat.tools is None:
+            raise RowError("invalid_field", f"line {row.line}: field 'tools': the model {self.spec.model!r} has no "
+                           "tool-call format mlxbatch can parse (supported: JSON <tool_call> as Qwen/Hermes write "
+                           "it, Mistral, Llama 3 JSON, pythonic, gpt-oss harmony); see docs/server.md", param="tools")
+        if tools is not None and tools.is_forced and params.constraint is not None:
+            raise RowError("invalid_field", f"line {row.line}: field 'tool_choice' forces a call, which cannot be "
+                           "combined with 'response_format'", param="tool_choice")
         return Item(row.index, row.line, rid, kind, None, params, n, messages, prompt, kept=kept,
-                    adapters=adapters, **extra)
+                    adapters=adapters, tools=tools, enable_thinking=_thinking(overrides, row.line), **extra)
 
     def _adapters(self, row: Row, body: dict | None) -> tuple[int, ...]:
         """The job's adapters this row runs with: its `adapter` field's (or an OpenAI body.model naming
@@ -136,9 +153,11 @@ class Renderer:
             return out
         texts = {i: self._text(x) for i, x in enumerate(out) if isinstance(x, Item)}
         for i, text in texts.items():
-            out[i] = text if isinstance(text, RowError) else out[i]
-        templated = [i for i, t in texts.items() if isinstance(t, str) and self._is_templated(out[i])]
-        plain = [i for i, t in texts.items() if isinstance(t, str) and not self._is_templated(out[i])]
+            is_templated = isinstance(text, str) and self._is_templated(out[i])
+            out[i] = text if isinstance(text, RowError) else self._with_reasoning(out[i], text) if is_templated \
+                else out[i]
+        templated = [i for i in texts if isinstance(out[i], Item) and self._is_templated(out[i])]
+        plain = [i for i in texts if isinstance(out[i], Item) and not self._is_templated(out[i])]
         for group, special in ((templated, False), (plain, True)):
             if group:
                 ids = self.tokenizer.encode_batch([texts[i] for i in group], add_special_tokens=special)
@@ -156,14 +175,36 @@ class Renderer:
         if not self.has_template:
             return RowError("template_error", f"line {item.line}: the model has no chat template, so chat messages "
                             "cannot be rendered; give the text as a plain prompt instead")
+        extra = {} if item.enable_thinking is None else {"enable_thinking": item.enable_thinking}
+        if item.tools is not None and (item.tools.is_on or self.chat.tools is not None):
+            extra["tools"] = item.tools.template_tools
         try:
             with time_limit(MAX_TEMPLATE_SECONDS):  # a template can loop for ever: a row error, not a hang
-                return self.tokenizer.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
+                return self.tokenizer.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False,
+                                                          **extra)
         except TimeLimitExceeded:
             return RowError("template_timeout", f"line {item.line}: the chat template took over "
                             f"{MAX_TEMPLATE_SECONDS:g} s to render this row")
         except Exception as exc:  # template errors (e.g. raise_exception in Jinja)
             return RowError("template_error", f"line {item.line}: the chat template rejected this row ({exc})")
+
+    def _with_reasoning(self, item: Item, text: str):
+        """Whether the prompt leaves a <think> open (the output starts as reasoning), and the grammar of a
+        forced tool call (its reasoning prefix depends on that)."""
+        is_open = self.chat.reasoning == "think" and text.rfind(THINK[0]) > text.rfind(THINK[1])
+        item = replace(item, is_reasoning_open=is_open)
+        if item.tools is None or not item.tools.is_forced:
+            return item
+        try:
+            c = forced_constraint(item.tools, self.chat, self.tokenizer, is_reasoning_open=is_open,
+                                  max_reasoning_tokens=item.params.max_tokens // 2)
+            grammar_of(c)
+        except ToolError as exc:
+            return RowError("invalid_field", f"line {item.line}: {exc.message}", param=exc.param)
+        except GrammarError as exc:
+            return RowError("invalid_schema", f"line {item.line}: the forced tool call's grammar: {exc}",
+                            param="tools")
+        return replace(item, params=replace(item.params, constraint=c))
 
     def _with_tokens(self, item: Item, tokens: list):
         if len(tokens) >= self.context_length:
@@ -237,8 +278,25 @@ def _messages(v, line: int, name: str) -> list:
         role = m.get("role")
         if role not in ROLES:
             raise RowError("invalid_field", f"line {line}: {where}.role is {role!r}; expected one of {', '.join(sorted(ROLES))}")
-        out.append({"role": role, "content": _content(m.get("content"), line, f"{where}.content")})
+        try:
+            extras = message_extras(m, role, where)
+        except ToolError as exc:
+            raise RowError("invalid_field", f"line {line}: {exc.message}", param=exc.param) from None
+        # An assistant turn that only calls tools has no content (OpenAI sends null).
+        is_call_only = "tool_calls" in extras and m.get("content") is None
+        content = None if is_call_only else _content(m.get("content"), line, f"{where}.content")
+        out.append({"role": role, "content": content, **extras})
     return out
+
+
+def _thinking(data: dict, line: int) -> bool | None:
+    """The row's `enable_thinking` (or vLLM's `chat_template_kwargs.enable_thinking`); None: the template's."""
+    kwargs = data.get("chat_template_kwargs")
+    value = data.get("enable_thinking", kwargs.get("enable_thinking") if isinstance(kwargs, dict) else None)
+    if value is not None and not isinstance(value, bool):
+        raise RowError("invalid_field", f"line {line}: field 'enable_thinking' must be true or false, got {value!r}",
+                       param="enable_thinking")
+    return value
 
 
 def _content(v, line: int, where: str) -> str:

@@ -18,6 +18,7 @@ from mlxbatch.errors import UsageError
 from mlxbatch.types import DEFAULT_MODEL, DTYPES, SamplingParams
 
 OUTPUT_FORMATS = ("results", "openai", "chat", "completions", "text")
+REASONING_MODES = ("split", "keep", "drop")  # a thinking model's reasoning: apart, left in the output, removed
 MAX_N = 256
 MAX_TOKENS = 1_000_000
 MAX_TOP_LOGPROBS = 20
@@ -176,6 +177,7 @@ RULES: dict[str, Rule] = {
     "ray_address": Rule("name", is_optional=True),  # None: a local Ray; "auto" or host:port: join one
     "adapter": Rule("adapters"),  # mlx-lm LoRA/DoRA adapters: PATH, NAME=PATH, NAME=none (the base model)
     "each_adapter": Rule("bool"),  # every row once per adapter
+    "reasoning": Rule("choice", choices=REASONING_MODES),
     # KV stored packed (engine/kvquant.py): bits of keys (and values), values' own bits, group size.
     "kv_bits": Rule("choice", choices=KV_BITS, is_optional=True),  # None or 16: the model dtype
     "kv_value_bits": Rule("choice", choices=KV_BITS, is_optional=True),  # None: as kv_bits
@@ -223,6 +225,7 @@ class JobSpec:
     # (name, path or None) in order; the manifest checks them by content (runner.build_manifest).
     adapter: tuple[tuple[str, str | None], ...] = field(default=(), metadata=_RUN_ONLY)
     each_adapter: bool = False
+    reasoning: str = "split"  # where a thinking model's reasoning goes in records (REASONING_MODES)
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -294,6 +297,8 @@ class JobSpec:
             del out["constraint"]  # folders of jobs without one resume as before this setting existed
         if not self.each_adapter:
             out.pop("each_adapter", None)  # likewise
+        if self.reasoning == "split":
+            out.pop("reasoning", None)  # likewise
         for f in fields(self):
             if f.name != "sampling" and f.metadata.get("is_resume_setting", True):
                 out[f.name] = getattr(self, f.name)

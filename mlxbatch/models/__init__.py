@@ -86,6 +86,14 @@ class LoadedModel:
     def is_random(self) -> bool:
         return self.name.startswith("random:")
 
+    @property
+    def names(self) -> set[str]:
+        """Every name a request's (or a Batch line's) `model` may give for this model: as loaded, its
+        folder's path and name, and "default"."""
+        from mlxbatch.job.openai_body import model_names
+
+        return model_names(self.name, self.path)
+
 
 def home() -> Path:
     if env := os.environ.get("MLXBATCH_HOME"):

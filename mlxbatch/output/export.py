@@ -23,7 +23,8 @@ from mlxbatch.output.fs import create_temp, io_error, publish
 from mlxbatch.output.journal import FILES, JOURNAL, RESULTS, RESULTS_FILE
 
 SHAPES = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
-_BOOKKEEPING = ("finish_reason", "sample", "adapter")
+_BOOKKEEPING = ("finish_reason", "sample", "adapter", "reasoning")
+REASONING = ("keep", "drop")
 ORDERS = ("shuffled", "input")
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -57,17 +58,21 @@ def _parse_split(split: str) -> list[float]:
 
 def export(folder: Path, *, fmt: str, split: str, to: Path, drop_truncated: bool, dedupe: bool,
            seed: int = 0, parquet: bool = False, order: str = "shuffled", adapter: str | None = None,
-           by_adapter: bool = False) -> dict:
-    """`adapter`: only the records that adapter made; `by_adapter`: one folder of splits per adapter."""
+           by_adapter: bool = False, reasoning: str = "keep") -> dict:
+    """`adapter`: only the records that adapter made; `by_adapter`: one folder of splits per adapter;
+    `reasoning`: keep a thinking model's reasoning in the training text, or drop it."""
     if by_adapter:
         names = adapter_names(folder)
         if not names:
             raise InputFileError(f"{folder}: no record names an adapter (was the job run with --adapter?)")
         return {name: export(folder, fmt=fmt, split=split, to=to / name, drop_truncated=drop_truncated,
-                             dedupe=dedupe, seed=seed, parquet=parquet, order=order, adapter=name)
+                             dedupe=dedupe, seed=seed, parquet=parquet, order=order, adapter=name,
+                             reasoning=reasoning)
                 for name in names}
     if fmt not in (*SHAPES, "records"):
         raise UsageError(f"--format must be one of {', '.join(SHAPES)}, records")
+    if reasoning not in REASONING:
+        raise UsageError(f"--reasoning must be one of {', '.join(REASONING)}, not {reasoning!r}")
     if order not in ORDERS:
         raise UsageError(f"--order must be one of {', '.join(ORDERS)}, not {order!r}")
     fractions = _parse_split(split)
@@ -75,6 +80,8 @@ def export(folder: Path, *, fmt: str, split: str, to: Path, drop_truncated: bool
     records = records_in_input_order(folder) if order == "input" else _records(folder)
     if adapter is not None:
         records = (r for r in records if r.get("adapter") == adapter)
+    if fmt != "records":
+        records = (_with_reasoning(r, reasoning == "keep") for r in records)
     kept = _kept(records, fmt, drop_truncated=drop_truncated, dedupe=dedupe, dropped=dropped)
     if order == "input":
         to.mkdir(parents=True, exist_ok=True)
@@ -90,6 +97,17 @@ def export(folder: Path, *, fmt: str, split: str, to: Path, drop_truncated: bool
         return _split_spool(spool, total, fractions, to, parquet) | {"dropped": dropped}
     random.Random(seed).shuffle(keep)
     return _write_splits(keep, fractions, to, parquet) | {"dropped": dropped}
+
+
+def _with_reasoning(rec: dict, is_kept: bool) -> dict:
+    """A record's reasoning where trainers read it (the assistant's reasoning_content, which thinking
+    templates render; a completion's <think> block), or gone."""
+    if isinstance(rec.get("messages"), list) and not is_kept:
+        rec["messages"] = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
+                           for m in rec["messages"]]
+    if is_kept and isinstance(rec.get("reasoning"), str) and isinstance(rec.get("completion"), str):
+        rec["completion"] = f"<think>\n{rec['reasoning']}\n</think>\n\n{rec['completion']}"
+    return rec
 
 
 def _kept(records, fmt: str, *, drop_truncated: bool, dedupe: bool, dropped: dict):

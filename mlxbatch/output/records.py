@@ -16,6 +16,9 @@ from pathlib import Path
 
 import orjson
 
+from mlxbatch.chat.formats import chat_format
+from mlxbatch.chat.parse import ParsedOutput, make_parser, split_output
+from mlxbatch.chat.tools import openai_calls
 from mlxbatch.errors import UsageError
 from mlxbatch.job.render import Item
 from mlxbatch.output import journal
@@ -35,12 +38,12 @@ def _short_hash(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-def _parsed(c: Completion):
+def _parsed(c: Completion, text: str):
     """A JSON-constrained output's value; None when it was cut off before the JSON closed."""
     if c.finish_reason != "stop":
         return None
     try:
-        return orjson.loads(c.text)
+        return orjson.loads(text)
     except orjson.JSONDecodeError:  # a stop string cut it short
         return None
 
@@ -48,11 +51,33 @@ def _parsed(c: Completion):
 class RecordMaker:
     """Turns a finished item (all its samples) into the bytes of its output lines."""
 
-    def __init__(self, fmt: str | None, model_name: str, tokenizer, adapters: tuple[str, ...] = ()):
+    def __init__(self, fmt: str | None, model_name: str, tokenizer, adapters: tuple[str, ...] = (), *,
+                 reasoning: str = "split"):
         self.fmt = fmt
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.adapters = adapters  # the job's adapter names: records say which one made them
+        self.reasoning = reasoning  # "split": apart from the output; "keep": left in it; "drop": removed
+        self.chat = chat_format(tokenizer, model_name)
+
+    def split(self, item: Item, c: Completion) -> ParsedOutput:
+        """The output as content, reasoning and tool calls (what the model wrote, where it wrote them)."""
+        tools = item.tools if item.tools is not None and item.tools.is_on else None
+        if self.reasoning == "keep" and tools is None:
+            return ParsedOutput(c.text)
+        return split_output(c.text, self.chat, tool_names=tools.names if tools else None,
+                            is_reasoning_open=item.is_reasoning_open, is_reasoning=self.reasoning != "keep")
+
+    def stream_parser(self, item: Item):
+        """A streaming parser for one sample's deltas (None: every delta is content), as `split` decides."""
+        tools = item.tools if item.tools is not None and item.tools.is_on else None
+        if self.reasoning == "keep" and tools is None:
+            return None
+        return make_parser(self.chat, tool_names=tools.names if tools else None,
+                           is_reasoning_open=item.is_reasoning_open, is_reasoning=self.reasoning != "keep")
+
+    def _has_reasoning(self) -> bool:
+        return self.reasoning == "split" and self.chat.reasoning is not None
 
     def format_for(self, item: Item) -> str:
         return self.fmt or ("openai" if item.is_openai else "results")
@@ -71,26 +96,35 @@ class RecordMaker:
         return self.adapters[item.adapters[i // item.n]] if item.adapters else None
 
     def _one(self, fmt: str, item: Item, c: Completion, sample: int, adapter: str | None = None) -> dict:
+        out = self.split(item, c)
+        calls = openai_calls(out.tool_calls, f"{item.id}:{sample}")
+        finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
         if fmt == "results":
-            rec = {"id": item.id, "output": c.text, "finish_reason": c.finish_reason,
-                   "usage": _usage(c.prompt_tokens, c.completion_tokens)}
+            rec = {"id": item.id, "output": out.content}
+            if self._has_reasoning():
+                rec["reasoning"] = out.reasoning
+            if item.tools is not None and item.tools.is_on:
+                rec["tool_calls"] = calls
+            rec |= {"finish_reason": finish, "usage": _usage(c.prompt_tokens, c.completion_tokens)}
             if item.params.constraint is not None and item.params.constraint.is_json:
-                rec["parsed"] = _parsed(c)
+                rec["parsed"] = _parsed(c, out.content)
             if item.n > 1:
                 rec["sample"] = sample
             if c.logprobs is not None:
                 rec["logprobs"] = self.chat_logprobs(c.logprobs)
         elif fmt == "chat":
             rec = {"messages": [*(item.messages or [{"role": "user", "content": item.prompt}]),
-                                {"role": "assistant", "content": c.text}]}
+                                self._assistant(out, calls)]}
         elif fmt == "completions":
             rec = {"prompt": item.prompt if item.prompt is not None else item.messages[-1]["content"],
-                   "completion": c.text}
+                   "completion": out.content}
         else:  # text: the exact prompt the model saw, then its output
-            rec = {"text": self.tokenizer.decode(item.tokens) + c.text}
+            rec = {"text": self.tokenizer.decode(item.tokens) + out.content}
         if fmt != "results":
             # Bookkeeping for `mlxbatch export` (which strips it): trainers ignore extra keys.
-            rec["finish_reason"] = c.finish_reason
+            rec["finish_reason"] = finish
+            if fmt != "chat" and self._has_reasoning():
+                rec["reasoning"] = out.reasoning
             if item.n > 1:
                 rec["sample"] = sample
         if adapter is not None:  # `mlxbatch export --adapter` filters on it (and strips it)
@@ -109,7 +143,7 @@ class RecordMaker:
     def openai_body(self, item: Item, done: list[Completion], rid: str, adapter: str | None = None) -> dict:
         """A chat.completion or text_completion object: a Batch line's response body, a server's reply."""
         is_completion = item.kind == "openai-completion"
-        choices = [self._completion_choice(c, i) if is_completion else self._chat_choice(c, i)
+        choices = [self._completion_choice(c, i) if is_completion else self._chat_choice(item, c, i, rid)
                    for i, c in enumerate(done)]
         return {
             "id": rid,
@@ -120,10 +154,23 @@ class RecordMaker:
             "usage": _usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done)),
         }
 
-    def _chat_choice(self, c: Completion, i: int) -> dict:
-        return {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+    def _assistant(self, out: ParsedOutput, calls: list, *, is_api: bool = False) -> dict:
+        """The assistant message: content (null beside calls, as OpenAI sends), reasoning_content, tool_calls."""
+        msg = {"role": "assistant", "content": None if calls and not out.content else out.content}
+        if is_api:
+            msg["refusal"] = None
+        if self._has_reasoning() and out.reasoning is not None:
+            msg["reasoning_content"] = out.reasoning
+        if calls:
+            msg["tool_calls"] = calls
+        return msg
+
+    def _chat_choice(self, item: Item, c: Completion, i: int, rid: str) -> dict:
+        out = self.split(item, c)
+        calls = openai_calls(out.tool_calls, f"{rid}:{i}")
+        return {"index": i, "message": self._assistant(out, calls, is_api=True),
                 "logprobs": self.chat_logprobs(c.logprobs) if c.logprobs is not None else None,
-                "finish_reason": c.finish_reason}
+                "finish_reason": "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason}
 
     def _completion_choice(self, c: Completion, i: int) -> dict:
         lp = self.completion_logprobs(c.logprobs) if c.logprobs is not None else None
@@ -164,11 +211,11 @@ class RecordMaker:
 
 # ------------------------------------------------------------ kept fields
 GENERATED_FIELDS = {
-    "results": ("id", "output", "finish_reason", "usage", "sample", "logprobs", "parsed"),
+    "results": ("id", "output", "reasoning", "tool_calls", "finish_reason", "usage", "sample", "logprobs", "parsed"),
     "openai": ("id", "custom_id", "response", "error"),
     "chat": ("messages", "finish_reason", "sample"),
-    "completions": ("prompt", "completion", "finish_reason", "sample"),
-    "text": ("text", "finish_reason", "sample"),
+    "completions": ("prompt", "completion", "reasoning", "finish_reason", "sample"),
+    "text": ("text", "reasoning", "finish_reason", "sample"),
 }
 
 

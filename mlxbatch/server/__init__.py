@@ -99,7 +99,8 @@ def build(spec, opts: ServeOptions, lm=None):
     grammars = _LockedGrammars(lm.tokenizer)
     batches = BatchStore(opts.data / "batches", files, lm=lm, engine_loop=engine_loop, spec=spec,
                          grammars=grammars)
-    srv = Server(lm, engine_loop, files, batches, Renderer(spec, lm.tokenizer, lm.context_length),
+    names = lm.names | set(opts.served_model_names)  # the rule for the API and for Batch lines alike
+    srv = Server(lm, engine_loop, files, batches, Renderer(spec, lm.tokenizer, lm.context_length, names=names),
                  RecordMaker("openai", lm.name, lm.tokenizer), grammars, opts.api_key, time.time(),
                  aliases=opts.served_model_names)
 

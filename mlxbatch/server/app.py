@@ -1,9 +1,11 @@
 """The HTTP routes: OpenAI's chat/completions (streamed or not), models, files, batches; health, metrics.
 
 Owns: reading and limiting request bodies, the API key, turning a request body into an Item by the
-very rules a Batch line follows (it is rendered as one: `job/render.py`), the few OpenAI fields
-mlxbatch refuses rather than ignores, response and SSE chunk shapes (bodies from
-`output/records.py`), and OpenAI-shaped errors for every failure. Does not own: the engine thread
+very rules a Batch line follows (it is rendered as one: `job/render.py`, whose `job/openai_body.py`
+refuses the OpenAI fields mlxbatch cannot honour and checks `model` and tools), the server-only
+fields (`stream`, `stream_options`), response and SSE chunk shapes (bodies from
+`output/records.py`; streamed content, reasoning and tool calls split by `chat/parse.py`), and
+OpenAI-shaped errors for every failure. Does not own: the engine thread
 (server/engine_loop.py) or batches (server/batches.py).
 """
 
@@ -25,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from mlxbatch.chat.tools import openai_calls
 from mlxbatch.errors import RowError
 from mlxbatch.job.grammar import GrammarError, Grammars
 from mlxbatch.job.render import Renderer
@@ -42,14 +45,6 @@ MAX_BODY_BYTES = 8 << 20  # a request body (the same cap as one input line of a 
 MAX_UPLOAD_BYTES = 1 << 30  # an uploaded batch file
 _UPLOAD_PIECE = 1 << 20  # upload bytes handed to the worker thread at a time
 _POLL_SECONDS = 1.0  # how often a waiting non-streamed request checks that its client is still there
-# OpenAI fields mlxbatch cannot honour: refused (400 naming the field) rather than silently ignored.
-_REFUSED = {
-    "tools": lambda v: bool(v), "functions": lambda v: bool(v), "logit_bias": lambda v: bool(v),
-    "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
-    "presence_penalty": lambda v: v not in (None, 0, 0.0), "frequency_penalty": lambda v: v not in (None, 0, 0.0),
-    "best_of": lambda v: v not in (None, 1), "echo": lambda v: bool(v), "suffix": lambda v: v is not None,
-    "audio": lambda v: v is not None, "prediction": lambda v: v is not None,
-}
 
 
 class _LockedGrammars(Grammars):
@@ -79,11 +74,8 @@ class Server:
 
     @property
     def model_names(self) -> set[str]:
-        """What a request's `model` may say: "default" (mlx-lm's server examples send it), the model, its aliases."""
-        names = {self.lm.name, "default", *self.aliases}
-        if self.lm.path is not None:
-            names |= {str(self.lm.path), self.lm.path.name}
-        return names
+        """What a request's `model` may say: the one rule (LoadedModel.names) Batch lines follow too, and aliases."""
+        return self.lm.names | set(self.aliases)
 
 
 def _json(data, status: int = 200) -> Response:
@@ -121,14 +113,7 @@ async def _json_body(request: Request) -> dict:
 
 
 def _check_openai_fields(srv: Server, body: dict) -> tuple[bool, bool]:
-    """(stream, include_usage); 400 for fields refused, 404 for another model."""
-    for key, is_refused in _REFUSED.items():
-        if key in body and is_refused(body[key]):
-            raise ApiError(400, f"{key!r} is not supported by mlxbatch serve", param=key, code="unsupported_parameter")
-    model = body.get("model")
-    if model is not None and (not isinstance(model, str) or model not in srv.model_names):
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {srv.lm.name!r}",
-                       param="model", code="model_not_found")
+    """(stream, include_usage): the fields only an interactive request has (the rest: `_render`)."""
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, f"'stream' must be true or false, got {stream!r}", param="stream", code="invalid_value")
@@ -203,6 +188,8 @@ async def _sse(srv: Server, t: Ticket, rid: str, include_usage: bool):
     lps_sent = [0] * item.n
     left, prompt_tokens, completion_tokens = item.n, 0, 0
     finished = False
+    parsers = [srv.maker.stream_parser(item) if is_chat else None for _ in range(item.n)]
+    num_calls = [0] * item.n
 
     def chunk(choices: list, **extra) -> bytes:
         data = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
@@ -210,13 +197,32 @@ async def _sse(srv: Server, t: Ticket, rid: str, include_usage: bool):
             data["usage"] = None
         return b"data: " + orjson.dumps(data) + b"\n\n"
 
-    def choice(s: int, text: str, lps, finish: str | None, first: bool = False) -> dict:
+    def choice(s: int, text: str, lps, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
         if is_chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            if delta is None:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             lp = srv.maker.chat_logprobs(lps) if lps else None
             return {"index": s, "delta": delta, "logprobs": lp, "finish_reason": finish}
         lp = srv.maker.completion_logprobs(lps, len(sent[s])) if lps else None
         return {"text": text, "index": s, "logprobs": lp, "finish_reason": finish}
+
+    def parsed(s: int, text: str, lps, finish: str | None, *, is_last: bool = False) -> list[bytes]:
+        """Chunks of one sample's text split into content, reasoning_content and tool_calls deltas."""
+        events = parsers[s].feed(text) + (parsers[s].finish() if is_last else [])
+        deltas = []
+        for kind, value in events:
+            if kind == "tool_call":
+                call = openai_calls([value], f"{rid}:{s}", start=num_calls[s])[0]
+                deltas.append({"tool_calls": [{"index": num_calls[s], **call}]})
+                num_calls[s] += 1
+            else:
+                deltas.append({"content" if kind == "content" else "reasoning_content": value})
+        if finish is not None and num_calls[s] and finish == "stop":
+            finish = "tool_calls"
+        if not deltas and (lps or finish is not None):
+            deltas = [{}]
+        return [chunk([choice(s, "", lps if k == 0 else None, finish if k == len(deltas) - 1 else None,
+                              delta=d)]) for k, d in enumerate(deltas)]
 
     try:
         if is_chat:
@@ -229,14 +235,19 @@ async def _sse(srv: Server, t: Ticket, rid: str, include_usage: bool):
             s = event[1]
             if event[0] == "delta":
                 _, _, text, lps = event
-                yield chunk([choice(s, text, lps, None)])
+                for data in parsed(s, text, lps, None) if parsers[s] else [chunk([choice(s, text, lps, None)])]:
+                    yield data
                 sent[s] += text
                 lps_sent[s] += len(lps or ())
                 continue
             c = event[2]
             rest = c.text[len(sent[s]):] if c.text.startswith(sent[s]) else ""
             lps = c.logprobs[lps_sent[s]:] if c.logprobs is not None else None
-            yield chunk([choice(s, rest, lps, c.finish_reason)])
+            if parsers[s]:
+                for data in parsed(s, rest, lps, c.finish_reason, is_last=True):
+                    yield data
+            else:
+                yield chunk([choice(s, rest, lps, c.finish_reason)])
             left -= 1
             prompt_tokens = c.prompt_tokens
             completion_tokens += c.completion_tokens

@@ -31,8 +31,8 @@ class ApiError(Exception):
 def from_row_error(err: RowError) -> ApiError:
     """A request body that breaks a row rule: 400, the same message as in a batch's error file."""
     message = _LINE.sub("", err.message)
-    m = _FIELD.search(message)
-    param = None
+    param = err.param
+    m = _FIELD.search(message) if param is None else None
     if m:
         param = (m.group(1) or m.group(2) or m.group(0)).removeprefix("body.")
-    return ApiError(400, message, param=param, code=err.code)
+    return ApiError(404 if err.code == "model_not_found" else 400, message, param=param, code=err.code)
