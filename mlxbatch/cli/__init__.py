@@ -62,6 +62,7 @@ def run(
     top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", help="alternatives per token, 0-20 (default: 0)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="max sequences in flight (default: as many as the KV budget holds)"),
     max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40% of memory)"),
+    max_memory_gb: Optional[float] = typer.Option(None, "--max-memory-gb", help="weights, KV and activations under this many GB; layers that do not fit stream from the model's safetensors each step (default: the machine's memory; docs/performance.md)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8 (default: auto, by backend)"),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="store the KV cache at 8 or 4 bits (~2x / ~3.5x the rows in the same memory); 16: the model dtype (default)"),
     kv_value_bits: Optional[int] = typer.Option(None, "--kv-value-bits", help="values at other bits than keys, 8 or 4 (default: as --kv-bits)"),
