@@ -146,7 +146,7 @@ def validate(
 
 @app.command()
 def bench(
-    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | adapters | kv-quality"),
+    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | adapters | kv-quality | offload"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts"),
@@ -158,6 +158,7 @@ def bench(
     kv_bits: Optional[str] = typer.Option(None, "--kv-bits", help="comma list of KV formats to run at one KV budget: 16,8,4"),
     max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="the KV budget of every --kv-bits run"),
     kv_rows: Optional[int] = typer.Option(None, "--kv-rows", help="budget that holds this many rows uncompressed (default 64)"),
+    max_memory_gb: Optional[float] = typer.Option(None, "--max-memory-gb", help="bench offload: the cap the streamed run works under (--peers none: no resident run)"),
 ) -> None:
     """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
     from mlxbatch.bench import run_bench
@@ -165,7 +166,7 @@ def bench(
     typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
                          batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out,
                          repeat=repeat, kv_bits=_int_list(kv_bits, "--kv-bits"), max_kv_gb=max_kv_gb,
-                         kv_rows=kv_rows))
+                         kv_rows=kv_rows, max_memory_gb=max_memory_gb))
 
 
 def _int_list(text: str | None, name: str) -> list[int] | None:

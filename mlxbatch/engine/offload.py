@@ -83,7 +83,7 @@ class OffloadPlan:
                     f"nothing streamed, KV budget {gb(self.kv_bytes)}")
         step = (f"; read at {self.bandwidth / 1e9:.2f} GB/s a step takes >= {self.expected_step_s * 1e3:.0f} ms, "
                 f"so <= {self.max_batch / self.expected_step_s:,.0f} tok/s at {self.max_batch} rows") if self.bandwidth else ""
-        return (f"offload: cap {gb(self.cap_bytes)}; weights {gb(s.weight_bytes)}, resident {gb(self.resident_bytes)} "
+        return (f"offload: cap {self.cap_bytes / 1e9:g} GB; weights {gb(s.weight_bytes)}, resident {gb(self.resident_bytes)} "
                 f"({100 * self.resident_share:.0f}%: head + {len(s.layer_bytes) - len(self.streamed)} of "
                 f"{len(s.layer_bytes)} layers), streamed {gb(self.streamed_bytes)} per step ({len(self.streamed)} "
                 f"layers, {STREAM_BUFFERS} buffers of {gb(self.buffer_bytes / STREAM_BUFFERS)}); KV budget "
