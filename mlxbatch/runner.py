@@ -376,6 +376,10 @@ def run_job(spec: JobSpec, *, progress: Callable[[JobStats], None] | None = None
         engine_factory = _workers_factory(spec, engine_factory)  # before loading: no Ray, no load
     # With workers the driver loads no weights: they live on the workers' devices.
     opened = adapter_files.open_all(spec.adapter)  # a bad adapter folder stops before the model loads
+    if lm is None and not spec.workers:
+        from mlxbatch.models import streamed
+
+        lm = streamed.load(spec)  # None: the model loads as today (it fits, no cap given)
     lm = lm or models.load(spec.model, dtype=spec.dtype, ignore_eos=spec.ignore_eos, weights=not spec.workers)
     attach_adapters(lm, opened)
     if on_loaded:

@@ -125,6 +125,9 @@ class EngineStats:
     kv_format: str = ""  # how KV is stored: "" the model dtype, else e.g. "8-bit, groups of 64"
     oom_retries: int = 0  # steps that ran out of memory and were retried with less
     forward: str = ""  # the model runner's backend choices, for the log
+    streamed_bytes: int = 0  # weights read from the model's files since load (a memory cap: engine/offload.py)
+    stream_wait_s: float = 0.0  # of the forward's time, waiting on those reads
+    resident_share: float = 1.0  # of the weights, the share held in memory
 
 
 @dataclass

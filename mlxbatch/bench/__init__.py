@@ -191,7 +191,16 @@ def _median_run(run, *args, repeat: int) -> dict:
 
 def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts: int | None,
               batch_size: int | None, dtype: str, peers: list[str], as_json: bool, repeat: int = 3,
-              kv_bits: list[int] | None = None, max_kv_gb: float | None = None, kv_rows: int | None = None) -> str:
+              kv_bits: list[int] | None = None, max_kv_gb: float | None = None, kv_rows: int | None = None,
+              max_memory_gb: float | None = None) -> str:
+    if workload == "offload":
+        from mlxbatch.bench.offload import run_offload_bench
+
+        if not max_memory_gb:
+            raise UsageError("bench offload needs --max-memory-gb (the cap the streamed run works under)")
+        messages, default_tokens = _parallm(num_prompts or 64)
+        return run_offload_bench(messages, model=model, cap_gb=max_memory_gb, max_tokens=max_tokens or default_tokens,
+                                 batch_size=batch_size, dtype=dtype, peers=peers, as_json=as_json)
     if workload == "kv-quality":
         from mlxbatch.bench.kvquality import run_kv_quality
 

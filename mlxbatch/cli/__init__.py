@@ -62,6 +62,7 @@ def run(
     top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", help="alternatives per token, 0-20 (default: 0)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="max sequences in flight (default: as many as the KV budget holds)"),
     max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="KV cache budget (default: 40% of memory)"),
+    max_memory_gb: Optional[float] = typer.Option(None, "--max-memory-gb", help="weights, KV and activations under this many GB; layers that do not fit stream from the model's safetensors each step (default: the machine's memory; docs/performance.md)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|bf16|fp16|fp32|q4|q8 (default: auto, by backend)"),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="store the KV cache at 8 or 4 bits (~2x / ~3.5x the rows in the same memory); 16: the model dtype (default)"),
     kv_value_bits: Optional[int] = typer.Option(None, "--kv-value-bits", help="values at other bits than keys, 8 or 4 (default: as --kv-bits)"),
@@ -146,7 +147,7 @@ def validate(
 
 @app.command()
 def bench(
-    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | adapters | kv-quality"),
+    workload: str = typer.Argument(..., help="parallm-325 | shared-prefix | mixed-lengths | long-outputs | adapters | kv-quality | offload"),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=_MODEL_HELP),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts"),
@@ -158,6 +159,7 @@ def bench(
     kv_bits: Optional[str] = typer.Option(None, "--kv-bits", help="comma list of KV formats to run at one KV budget: 16,8,4"),
     max_kv_gb: Optional[float] = typer.Option(None, "--max-kv-gb", help="the KV budget of every --kv-bits run"),
     kv_rows: Optional[int] = typer.Option(None, "--kv-rows", help="budget that holds this many rows uncompressed (default 64)"),
+    max_memory_gb: Optional[float] = typer.Option(None, "--max-memory-gb", help="bench offload: the cap the streamed run works under (--peers none: no resident run)"),
 ) -> None:
     """Throughput of mlxbatch vs mlx-lm's batch_generate (and HF transformers) in one process."""
     from mlxbatch.bench import run_bench
@@ -165,7 +167,7 @@ def bench(
     typer.echo(run_bench(workload, model=model, max_tokens=max_tokens, num_prompts=num_prompts,
                          batch_size=batch_size, dtype=dtype, peers=peers.split(","), as_json=json_out,
                          repeat=repeat, kv_bits=_int_list(kv_bits, "--kv-bits"), max_kv_gb=max_kv_gb,
-                         kv_rows=kv_rows))
+                         kv_rows=kv_rows, max_memory_gb=max_memory_gb))
 
 
 def _int_list(text: str | None, name: str) -> list[int] | None:

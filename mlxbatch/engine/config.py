@@ -50,6 +50,7 @@ class KVFormat:
 class EngineConfig:
     max_batch: int | None = None  # rows decoded together; None: the backend's default (core.py)
     max_kv_gb: float | None = None  # the KV budget; None: 40% of memory
+    max_memory_gb: float | None = None  # the cap the model's OffloadPlan was made for (models/streamed.py)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB
     max_prefill_tokens: int | None = None  # None: the backend's default
@@ -66,7 +67,7 @@ class EngineConfig:
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EngineConfig:
         """The engine settings of a (validated) job: the one place a JobSpec becomes engine settings."""
-        return cls(max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb,
+        return cls(max_batch=spec.batch_size, max_kv_gb=spec.max_kv_gb, max_memory_gb=spec.max_memory_gb,
                    kv=KVFormat.of(spec.kv_bits, spec.kv_value_bits, spec.kv_group_size),
                    adapters=tuple((n, p and str(Path(p).expanduser().resolve())) for n, p in spec.adapter))
 

@@ -108,19 +108,23 @@ class Engine:
         self.config = config = config or EngineConfig()
         _check_adapters(lm, config)
         self.lm = lm
-        self.runner = _runner(lm, _with_kv(lm, config.options or default_options(), config.kv))
+        self.runner = _runner(lm, _streaming(lm, _with_kv(lm, config.options or default_options(), config.kv)))
         kv = self.runner.options.kv
         is_cpu = not self.runner.options.full_buffer
-        self.max_batch = config.max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
-        self.budget = KVBudget(int(config.max_kv_gb * 1e9) if config.max_kv_gb else _default_kv_bytes(),
+        plan = lm.offload.plan.engine_settings(max_batch=config.max_batch, max_kv_gb=config.max_kv_gb) \
+            if lm.offload is not None else {}  # a memory cap: KV, blocks of rows and prefill sizes from its plan
+        self.max_batch = plan.get("max_batch") or config.max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
+        self.budget = KVBudget(plan.get("max_kv_bytes") or (int(config.max_kv_gb * 1e9) if config.max_kv_gb
+                                                            else _default_kv_bytes()),
                                bytes_per_token=self.runner.kv_bytes_per_token(),
                                state_bytes=self.runner.state_bytes_per_row(), fine=is_cpu)
-        self.prefill_chunk = config.prefill_chunk
-        self.max_prefill_tokens = config.max_prefill_tokens or (4096 if is_cpu else 32768)
+        self.prefill_chunk = plan.get("prefill_chunk") or config.prefill_chunk
+        self.max_prefill_tokens = plan.get("max_prefill_tokens") or config.max_prefill_tokens or (4096 if is_cpu else 32768)
         self.prefix_cache = PrefixCache(int(config.prefix_cache_gb * 1e9))
         self.scheduler = Scheduler()
         self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe(),
-                                 kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "")
+                                 kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "",
+                                 resident_share=lm.offload.plan.resident_share if lm.offload is not None else 1.0)
         self._eos = frozenset(lm.eos_token_ids)
         self._cache: BatchCache | None = None
         self._clock = 0  # decode steps so far: each adds a column to every row of the batch
@@ -228,6 +232,8 @@ class Engine:
         st.kv_bytes = sum(c.nbytes for c in caches) + st.kv_shared_bytes
         st.kv_peak_bytes = max(st.kv_peak_bytes, st.kv_bytes)
         st.prefix_cache_bytes = self.prefix_cache.nbytes
+        if self.lm.offload is not None and self.lm.offload.streamer is not None:
+            st.streamed_bytes, st.stream_wait_s = self.lm.offload.streamer.bytes_read, self.lm.offload.streamer.wait_s
 
     # ------------------------------------------------------------ decode
     def _decode(self, tokens: mx.array):
@@ -582,6 +588,14 @@ def _with_kv(lm: LoadedModel, options: ForwardOptions, kv: KVFormat | None) -> F
         return options
     packed = make(kv.bits, kv.value_bits, kv.group_size, head_dim=arch.head_dim(lm.model.args))
     return replace(options, kv_bits=packed.bits, kv_value_bits=packed.value_bits, kv_group_size=packed.group_size)
+
+
+def _streaming(lm: LoadedModel, options: ForwardOptions) -> ForwardOptions:
+    """Streamed layers run mlx-lm's own layers: fused copies and the compiled layer hold every
+    layer's weights, and an adapter folded into a weight would be lost at its next read."""
+    if lm.offload is None or lm.offload.streamer is None:
+        return options
+    return replace(options, fused=False, compiled_decode=False, fuse_adapter=False)
 
 
 def _check_adapters(lm: LoadedModel, config: EngineConfig) -> None:

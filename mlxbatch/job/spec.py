@@ -168,6 +168,7 @@ RULES: dict[str, Rule] = {
     "parquet": Rule("bool"),
     "batch_size": Rule("int", 1, 1 << 20, is_optional=True),
     "max_kv_gb": Rule("number", 0, 1 << 20, is_open_low=True, is_optional=True),
+    "max_memory_gb": Rule("number", 0, 1 << 20, is_open_low=True, is_optional=True),  # weights + KV + work
     "ignore_eos": Rule("bool", is_optional=True),
     "restart": Rule("bool"),
     "commit_seconds": Rule("number", 0, 3600),
@@ -209,6 +210,9 @@ class JobSpec:
     parquet: bool = field(default=False, metadata=_RUN_ONLY)
     batch_size: int | None = field(default=None, metadata=_RUN_ONLY)
     max_kv_gb: float | None = field(default=None, metadata=_RUN_ONLY)
+    # Weights, KV and activations under this cap; layers that do not fit stream from the model's
+    # files (engine/offload.py). None: the machine's default (models/streamed.py).
+    max_memory_gb: float | None = field(default=None, metadata=_RUN_ONLY)
     ignore_eos: bool | None = None  # None: ignore for random: models (resolved by `validate`)
     restart: bool = field(default=False, metadata=_RUN_ONLY)
     commit_seconds: float = field(default=2.0, metadata=_RUN_ONLY)
@@ -239,6 +243,8 @@ class JobSpec:
             raise UsageError(f"output {self.output} is the input file; choose another folder")
         if self.ray_address is not None and self.workers is None:
             raise UsageError(f"--ray-address {self.ray_address} needs --workers N (how many workers to start there)")
+        if self.max_memory_gb is not None and self.workers is not None:
+            raise UsageError("--max-memory-gb with --workers is not supported yet: give one or the other")
         if self.each_adapter and not self.adapter:
             raise UsageError("--each-adapter needs adapters: give --adapter NAME=PATH (and base=none for the base model)")
         spec = self._kv_resolved()

@@ -81,6 +81,7 @@ class LoadedModel:
     context_length: int = 2048
     runner: object = field(default=None, repr=False, compare=False)  # the engine's last ModelRunner for it
     adapters: list = field(default_factory=list, repr=False)  # models/adapters.Adapter, the job's order
+    offload: object = field(default=None, repr=False)  # models/streamed.Offload under a memory cap, else None
 
     @property
     def is_random(self) -> bool:

@@ -50,6 +50,10 @@ RANDOM_PRESETS = {
                                       "original_max_position_embeddings": 4096, "truncate": False},
                         layer_types=["sliding_attention", "full_attention"] * 12, rms_norm_eps=1e-5,
                         max_position_embeddings=131072, vocab_size=49152),
+    # A 14B class (Qwen2.5-14B's shapes, q/k/v biases): ~25 GB in bf16, for streaming under a cap.
+    "qwen2.5-14b": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=48, intermediate_size=13824,
+                        num_attention_heads=40, num_key_value_heads=8, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                        max_position_embeddings=32768, tie_word_embeddings=False, vocab_size=49152),
     # mlx-lm loads model_type "mistral" with its llama class (Mistral-7B-Instruct-v0.3's shapes)
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
                        num_attention_heads=32, num_key_value_heads=8, rope_theta=1_000_000.0, rms_norm_eps=1e-5,

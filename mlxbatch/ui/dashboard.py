@@ -42,6 +42,8 @@ def _table(s: JobStats) -> Table:
     t.add_row("KV cache", f"{e.kv_bytes / 1e6:,.0f} MB held ({e.kv_shared_bytes / 1e6:,.0f} MB shared prefixes, "
               f"stored once), peak {e.kv_peak_bytes / 1e6:,.0f} MB; prefix LRU {e.prefix_cache_bytes / 1e6:,.0f} MB; "
               + kv_line(e))
+    if e.streamed_bytes:
+        t.add_row("streaming", stream_line(e, s.elapsed))
     t.add_row("model", f"{s.model} on {s.device}  ->  {s.output}")
     t.add_row("", e.forward)
     for w in s.workers:
@@ -60,6 +62,12 @@ def _worker(w: WorkerStatus, elapsed: float) -> str:
 def _workers_line(s: JobStats) -> str:
     return "[mlxbatch] workers: " + "; ".join(f"{w.name.removeprefix('worker ')} {_worker(w, s.elapsed)}"
                                               for w in s.workers)
+
+
+def stream_line(e, elapsed: float) -> str:
+    """Weights streamed under a memory cap: the read rate over the job, and what stays resident."""
+    return (f"{e.streamed_bytes / 1e9 / max(elapsed, 1e-9):,.2f} GB/s streamed ({e.streamed_bytes / 1e9:,.1f} GB, "
+            f"{e.stream_wait_s:,.1f} s waited on reads); {100 * e.resident_share:.0f}% of the weights resident")
 
 
 def kv_line(e) -> str:
