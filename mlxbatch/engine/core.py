@@ -29,7 +29,7 @@ from mlxbatch.engine.oom import free_memory, is_out_of_memory
 from mlxbatch.engine.prefix_cache import PrefixCache
 from mlxbatch.engine.sampling import RowParams, allowed_tokens, sample
 from mlxbatch.engine.scheduler import Scheduler, Unit, request_key
-from mlxbatch.engine.shapes import num_traces, row_bucket
+from mlxbatch.engine.shapes import num_traces, row_bucket, row_buckets
 from mlxbatch.models import LoadedModel
 from mlxbatch.types import Completion, EngineStats, Request, SamplingParams
 
@@ -206,6 +206,28 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self.scheduler) or bool(self._filling) or self.num_active > 0
+
+    def warm_up(self) -> int:
+        """Trace the compiled decode for every row bucket (and, where rows share prefixes, the
+        cascade) before serving, so no request's step compiles them; returns the traces made."""
+        before = num_traces()
+        for rows in row_buckets(self.max_batch) if self.is_bucketed else ():
+            self._warm(rows, shared=False)
+            if self.runner.can_share_prefix and rows > 1:
+                self._warm(rows, shared=True)
+        return num_traces() - before
+
+    def _warm(self, rows: int, *, shared: bool) -> None:
+        n = self.runner.options.min_shared_tokens
+        cache = self.runner.new_cache(rows)
+        if shared:
+            prefix = self.runner.new_cache(1)
+            prefix.layout.begin(mx.ones((1, n), dtype=mx.bool_))
+            self.runner.forward_hidden(mx.zeros((1, n), dtype=mx.int32), prefix)
+            cache.layout.share(SharedPrefix(b"", prefix.prefix_kv(), n))
+        for _ in range(2):  # a first column, then one more: decode proper
+            cache.layout.begin(mx.ones((rows, 1), dtype=mx.bool_))
+            mx.eval(self.runner.forward_last(mx.zeros((rows, 1), dtype=mx.int32), cache))
 
     @property
     def num_filling(self) -> int:
@@ -448,7 +470,11 @@ class Engine:
     def _start_unit(self, unit: Unit) -> _Filling:
         reqs = unit.requests
         p = unit.prefix_len if self._reuses_prefix(reqs) else 0  # else whole prompts, left-padded
-        cache = self._unit_cache(reqs, p)
+        if len(reqs) == 1 and p:  # a lone row reads what the LRU holds; the rest is prefilled step by step
+            kv, p = self._cached(request_key(reqs[0].tokens[:p], reqs[0].adapter), reqs[0].adapter)
+            cache = BatchCache.from_prefix(self.runner.cache_format, kv, 1, p) if p else self.runner.new_cache(1)
+        else:
+            cache = self._unit_cache(reqs, p)
         suffixes = [r.tokens[p:] for r in reqs]
         width = max(len(s) for s in suffixes)
         pads = [width - len(s) for s in suffixes]
@@ -527,6 +553,8 @@ class Engine:
         params.counter = params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.eval(sampled, *cache.arrays(), *(extra or ()))
+        if len(unit.requests) == 1 and unit.prefix_len and self._reuses_prefix(unit.requests):
+            self._remember(unit.requests[0], cache)
         self._prefilling = None  # computed: from here on the unit is part of the running batch
         self._num_guided += num_guided
         self._drop_cancelled(rows)
@@ -563,19 +591,12 @@ class Engine:
                 r.is_alive = False
                 self._num_guided -= r.guide is not None
 
-    def _prefix(self, prefix: list[int], adapter: int = 0) -> SharedPrefix:
-        """A prompt prefix's KV (batch 1) under one adapter, from the LRU (the same object) or computed
-        and cached; a cached shorter prefix of it, or the head it shares with a cached one, is extended
-        rather than recomputed."""
-        key = request_key(prefix, adapter)
+    def _cached(self, key: bytes, adapter: int) -> tuple[list | None, int]:
+        """(KV, length) of the longest head of the prompt `key` the LRU holds: a cached prefix of it,
+        or the head it shares with a cached prompt (from MIN_HEAD_TOKENS tokens); (None, 0) if none."""
         self.stats.prefix_lookups += 1
         found = self.prefix_cache.longest(key)
-        have = found.length if found else 0
-        if have == len(prefix):
-            self.stats.prefix_hit_tokens += have
-            self.stats.prefix_hits += 1
-            return found
-        kv = found.kv if found else None
+        kv, have = (found.kv, found.length) if found else (None, 0)
         packed = self.runner.options.kv
         # Packed KV or a state (the whole prefix's summary): no head slicing.
         head, n = self.prefix_cache.shared_head(key) if packed is None and not self.runner.has_state else (None, 0)
@@ -583,6 +604,31 @@ class Engine:
         if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
             kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n
         self.stats.prefix_hit_tokens += have
+        self.stats.prefix_hits += bool(have)
+        return kv, have
+
+    def _remember(self, request: Request, cache: BatchCache) -> None:
+        """A lone row's prompt (but its last token) into the LRU, as `_prefix` stores a computed prefix."""
+        n = len(request.tokens) - 1
+        key = request_key(request.tokens[:n], request.adapter)
+        found = self.prefix_cache.longest(key)
+        if n <= 0 or self.runner.has_state or (found is not None and found.length == n):
+            return
+        kv = [tuple(each(lambda a: mx.contiguous(a[:, :, :n]), x) for x in entry) for entry in cache.prefix_kv()]
+        self.prefix_cache.put(SharedPrefix(key, kv, n))
+
+    def _prefix(self, prefix: list[int], adapter: int = 0) -> SharedPrefix:
+        """A prompt prefix's KV (batch 1) under one adapter, from the LRU (the same object) or computed
+        and cached; a cached shorter prefix of it, or the head it shares with a cached one, is extended
+        rather than recomputed."""
+        key = request_key(prefix, adapter)
+        found = self.prefix_cache.longest(key)
+        if found is not None and found.length == len(prefix):
+            self.stats.prefix_lookups += 1
+            self.stats.prefix_hit_tokens += found.length
+            self.stats.prefix_hits += 1
+            return found
+        kv, have = self._cached(key, adapter)
         cache = BatchCache.from_prefix(self.runner.cache_format, kv, 1, have) if have else self.runner.new_cache(1)
         rest = mx.array([prefix[have:]], dtype=mx.int32)
         for start in range(0, rest.shape[1], self.prefill_chunk):

@@ -244,6 +244,7 @@ class EngineLoop:
 
     # ------------------------------------------------------------ the engine thread
     def _run(self) -> None:
+        self._warm_up()
         while True:
             with self._cv:
                 while not (self._stopping or self._inbox or self.engine.has_work or self._has_batch_rows()):
@@ -264,6 +265,16 @@ class EngineLoop:
             self._flush()
         for t in list(self._tickets.values()):
             t.push(("error", "the server is shutting down"))
+
+    def _warm_up(self) -> None:
+        """Compile the decode's shapes before the first request (requests arriving meanwhile wait)."""
+        t0 = time.perf_counter()
+        try:
+            traces = self.engine.warm_up()
+        except Exception:  # a warm-up is an optimization: serve without it
+            log.exception("warm-up failed")
+            return
+        log.info("warm-up: %d compiles in %.1f s", traces, time.perf_counter() - t0)
 
     def _has_batch_rows(self) -> bool:
         return any(f.num_waiting for f in self._feeds.values())
