@@ -41,6 +41,7 @@ MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared t
 _OOM_SHRINK = 0.5  # after running out of memory: budget, batch width and prefill sizes times this
 _MIN_PREFILL_CHUNK = 16
 _MAX_FILLING = 4  # units prefilled side by side (a short prompt need not wait for a long one)
+_WARM_COLUMNS = (0, 100, 150, 200, 300, 600)  # warm-up widths: column buckets 64, 128, 192, 256, 512, 768
 _SLOW_STEP = 0.2  # seconds: a step this slow is counted (stats.slow_steps)
 
 
@@ -209,22 +210,29 @@ class Engine:
 
     def warm_up(self) -> int:
         """Trace the compiled decode for every row bucket (and, where rows share prefixes, the
-        cascade) before serving, so no request's step compiles them; returns the traces made."""
+        cascade; where attention runs over the bucketed buffer, its first column buckets) before
+        serving, so no request's step compiles them; returns the traces made."""
         before = num_traces()
+        widths = _WARM_COLUMNS if self.runner.options.full_buffer else (0,)
         for rows in row_buckets(self.max_batch) if self.is_bucketed else ():
-            self._warm(rows, shared=False)
+            for cols in widths:
+                if rows * (cols + 1) * self.budget.bytes_per_token <= self.max_kv_bytes // 4:
+                    self._warm(rows, cols, shared=False)
             if self.runner.can_share_prefix and rows > 1:
-                self._warm(rows, shared=True)
+                self._warm(rows, 0, shared=True)
         return num_traces() - before
 
-    def _warm(self, rows: int, *, shared: bool) -> None:
-        n = self.runner.options.min_shared_tokens
-        cache = self.runner.new_cache(rows)
+    def _warm(self, rows: int, cols: int, *, shared: bool) -> None:
+        """Two decode steps of `rows` rows after `cols` columns of zeros (a stand-in prompt)."""
+        one = self.runner.new_cache(1)
+        one.layout.begin(mx.ones((1, 1), dtype=mx.bool_))
+        self.runner.forward_hidden(mx.zeros((1, 1), dtype=mx.int32), one)
+        n = cols or self.runner.options.min_shared_tokens
+        kv = [tuple(each(lambda a: mx.repeat(a, n, axis=2), x) for x in entry) for entry in one.prefix_kv()]
+        cache = self.runner.new_cache(rows) if shared or not cols else BatchCache.from_prefix(
+            self.runner.cache_format, kv, rows, cols)
         if shared:
-            prefix = self.runner.new_cache(1)
-            prefix.layout.begin(mx.ones((1, n), dtype=mx.bool_))
-            self.runner.forward_hidden(mx.zeros((1, n), dtype=mx.int32), prefix)
-            cache.layout.share(SharedPrefix(b"", prefix.prefix_kv(), n))
+            cache.layout.share(SharedPrefix(b"", kv, n))
         for _ in range(2):  # a first column, then one more: decode proper
             cache.layout.begin(mx.ones((rows, 1), dtype=mx.bool_))
             mx.eval(self.runner.forward_last(mx.zeros((rows, 1), dtype=mx.int32), cache))
