@@ -401,7 +401,9 @@ class Engine:
             self._cache, self._rows, self._params, self._next = None, [], None, None
             return
         blank = row_bucket(len(keep), cap=self.max_batch) - len(keep) if bucket and self.is_bucketed else 0
-        keep += [i for i, r in enumerate(self._rows) if not r.is_alive][:blank]
+        dead_rows = [i for i, r in enumerate(self._rows) if not r.is_alive][:blank]
+        blank = len(dead_rows)  # never more padding rows than dead rows to reuse
+        keep += dead_rows
         index = mx.array(keep, dtype=mx.int32)
         self._cache.keep(keep, trim=force or dead_cols > 0, stepwise=self._is_tight(), blank=blank)
         self._params = self._params.take(index)

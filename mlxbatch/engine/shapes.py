@@ -50,6 +50,6 @@ def compiled(fn, name: str):
     """mx.compile(fn), counting each trace under `name` (and logging it with the input shapes)."""
     def traced(*args):
         TRACES[name] += 1
-        log.debug("trace %s #%d: %s", name, TRACES[name], [getattr(a, "shape", None) for a in args[:3]])
+        log.info("compile %s #%d: input shapes %s", name, TRACES[name], [getattr(a, "shape", None) for a in args[:3]])
         return fn(*args)
     return mx.compile(traced)
