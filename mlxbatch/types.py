@@ -9,6 +9,7 @@ own: the rules a setting's value must follow (job/spec.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -79,6 +80,13 @@ class Item:
         return self.kind.startswith("openai")
 
 
+class Priority(IntEnum):
+    """Which waiting requests the engine's scheduler admits first (lower first)."""
+
+    INTERACTIVE = 0  # a chat request, or a job's row (a job has nothing to yield to)
+    BATCH = 1  # a Batch API row in the server: fills the slots interactive traffic leaves, less a reserve
+
+
 @dataclass
 class Request:
     key: object
@@ -86,6 +94,7 @@ class Request:
     params: SamplingParams
     guide: object | None = None  # a grammar.Guide when the output is constrained (the engine masks with it)
     adapter: int = 0  # index into the model's adapters (LoadedModel.adapters); 0 when it has none
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,15 @@ class EngineStats:
     streamed_bytes: int = 0  # weights read from the model's files since load (a memory cap: engine/offload.py)
     stream_wait_s: float = 0.0  # of the forward's time, waiting on those reads
     resident_share: float = 1.0  # of the weights, the share held in memory
+    step_seconds: float = 0.0  # wall time inside Engine.step, all steps
+    sync_seconds: float = 0.0  # of which waiting for the device (reading a step's tokens): the rest is host time
+    step_max_seconds: float = 0.0
+    slow_steps: int = 0  # steps over 200 ms
+    traces: int = 0  # compiled functions traced (each a compile; engine/shapes.py)
+    trace_steps: int = 0  # steps that traced
+    prefill_step_tokens: int = 0  # prefill tokens (rows x columns) computed inside steps
+    prefill_steps: int = 0  # steps that prefilled
+    step_max_prefill_tokens: int = 0
 
 
 @dataclass

@@ -182,6 +182,41 @@ def drive(port: int, model: str, reqs: list[dict], concurrency: int) -> dict:
             "itl_p50_ms": round(_pct(itl, 50) * 1e3, 2), "itl_p99_ms": round(_pct(itl, 99) * 1e3, 2)}
 
 
+ENGINE_METRICS = ("steps", "step_seconds", "sync_seconds", "slow_steps", "compiles", "compile_steps",
+                  "prefill_step_tokens", "prefill_steps", "generated_tokens")
+
+
+def engine_metrics(port: int) -> dict | None:
+    """mlxbatch serve's engine counters from /metrics (None for a server without them)."""
+    try:
+        status, body = request(port, "GET", "/metrics")
+    except OSError:
+        return None
+    if status != 200 or not isinstance(body, bytes):
+        return None
+    values = {}
+    for line in body.decode().splitlines():
+        if line.startswith("mlxbatch_"):
+            name, _, v = line.partition(" ")
+            values[name.removeprefix("mlxbatch_").removeprefix("engine_").removesuffix("_total")] = float(v)
+    return {k: values[k] for k in ENGINE_METRICS if k in values} or None
+
+
+def step_profile(before: dict | None, after: dict | None) -> dict | None:
+    """Where a level's engine steps went: ms per step (host and device wait), compiles, prefill per step."""
+    if not before or not after:
+        return None
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in ENGINE_METRICS}
+    steps = max(d["steps"], 1)
+    return {"steps": int(d["steps"]), "step_ms": round(1e3 * d["step_seconds"] / steps, 2),
+            "host_ms": round(1e3 * (d["step_seconds"] - d["sync_seconds"]) / steps, 2),
+            "sync_ms": round(1e3 * d["sync_seconds"] / steps, 2), "slow_steps": int(d["slow_steps"]),
+            "compiles": int(d["compiles"]), "compile_steps": int(d["compile_steps"]),
+            "prefill_tokens_per_prefill_step": round(d["prefill_step_tokens"] / max(d["prefill_steps"], 1), 1),
+            "prefill_steps": int(d["prefill_steps"]), "tokens_per_step": round(d["generated_tokens"] / steps, 2),
+            "engine_busy_share": None}
+
+
 def _pct(xs: list, p: float) -> float:
     if not xs:
         return 0.0
@@ -260,10 +295,17 @@ def main() -> None:
                     n = args.requests or max(2 * c, 16)
                     reqs = workload(n, rng=random.Random(c), shared_system=shared, max_out=args.max_out,
                                     max_words=400 if not args.small else 60)
+                    before = engine_metrics(port) if peer == "mlxbatch" else None
                     r = drive(port, model_id, reqs, c)
+                    prof = step_profile(before, engine_metrics(port) if before else None)
+                    if prof:
+                        prof["engine_busy_share"] = round(prof["steps"] * prof["step_ms"] / 1e3 / r["seconds"], 3)
+                        r["engine"] = prof
                     out["runs"].setdefault(variant, {}).setdefault(str(c), {})[peer] = r
                     print(f"  {peer:9s} {variant:13s} c={c:<3d} {r['req_s']:7.2f} req/s {r['out_tok_s']:9.1f} tok/s "
                           f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms", file=sys.stderr, flush=True)
+                    if prof:
+                        print(f"            engine: {_profile_line(prof)}", file=sys.stderr, flush=True)
             if peer == "mlxbatch" and args.batch_rows:
                 out["ttft_under_batch"] = ttft_under_batch(port, model_id, args.batch_rows, 5, work)
         finally:
@@ -275,6 +317,13 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def _profile_line(p: dict) -> str:
+    return (f"{p['steps']} steps, {p['step_ms']} ms/step ({p['host_ms']} host, {p['sync_ms']} device wait), "
+            f"{p['tokens_per_step']} tok/step, busy {p['engine_busy_share']:.0%}, {p['compiles']} compiles in "
+            f"{p['compile_steps']} steps, {p['slow_steps']} steps > 200 ms, prefill "
+            f"{p['prefill_tokens_per_prefill_step']} tok/step in {p['prefill_steps']} steps")
+
+
 def table(out: dict) -> str:
     lines = [f"serve bench: {out['model']} {out['dtype']} on {out['backend']}",
              f"{'variant':13s} {'c':>3s} {'server':9s} {'req/s':>8s} {'tok/s':>9s} {'TTFT p50':>9s} {'p99':>9s} "
@@ -284,6 +333,8 @@ def table(out: dict) -> str:
             for peer, r in peers.items():
                 lines.append(f"{variant:13s} {c:>3s} {peer:9s} {r['req_s']:8.2f} {r['out_tok_s']:9.1f} "
                              f"{r['ttft_p50_ms']:9.1f} {r['ttft_p99_ms']:9.1f} {r['itl_p50_ms']:8.2f} {r['itl_p99_ms']:8.2f} {r.get('failed', 0):6d}")
+            if peers.get("mlxbatch", {}).get("engine"):
+                lines.append(f"{'':13s} {'':>3s} {'engine':9s} {_profile_line(peers['mlxbatch']['engine'])}")
             if {"mlxbatch", "mlx-lm"} <= set(peers):
                 a, b = peers["mlxbatch"], peers["mlx-lm"]
                 lines.append(f"{'':13s} {'':>3s} {'ratio':9s} {a['req_s'] / max(b['req_s'], 1e-9):8.2f}x "

@@ -173,7 +173,7 @@ def test_removing_a_waiting_row_with_an_adapter_takes_out_that_row_only():
     for key, adapter in (("a1", 1), ("b0", 0), ("c2", 2), ("d1", 1)):
         s.add(Request(key, tokens + [len(key)], SamplingParams(), adapter=adapter))
     assert s.remove("a1") and s.remove("c2") and not s.remove("a1")
-    assert len(s._sorted) == len(s) == 2  # no entry left behind for a removed row
+    assert len(s._queues[0]._sorted) == len(s) == 2  # no entry left behind for a removed row
     taken = []
     while len(s):
         taken += [r.key for r in s.next_unit(max_rows=8, max_prefill_tokens=10_000).requests]

@@ -18,6 +18,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from mlxbatch.engine import shapes
 from mlxbatch.engine.kvquant import KVQuant, first, is_packed, scores, weighted
 
 
@@ -218,10 +219,20 @@ def _sink(sinks: list, Hkv: int, L: int):
 
 
 def cascade_function(plan, scale: float, opts: AttendOptions, *, compiled: bool, blocked: bool):
-    """`cascade` or `blocked_cascade` with the plan's structure fixed (compiled once per batch
-    composition)."""
+    """`cascade` or `blocked_cascade` with the plan's structure fixed. Compiled ones are kept per
+    structure, not per plan: a plan is rebuilt whenever the batch's rows change, and a new compiled
+    function traces again (on a GPU: kernel builds inside the step) even for shapes seen before."""
     if blocked:
+        key = (scale, opts, True)
         fn = partial(blocked_cascade, scale=scale, opts=opts)
     else:
+        key = (scale, opts, plan.has_rows, plan.num_ungrouped)
         fn = partial(cascade, scale=scale, opts=opts, has_rows=plan.has_rows, num_ungrouped=plan.num_ungrouped)
-    return mx.compile(fn) if compiled else fn
+    if not compiled:
+        return fn
+    if key not in _COMPILED:
+        _COMPILED[key] = shapes.compiled(fn, "cascade_blocked" if blocked else "cascade")
+    return _COMPILED[key]
+
+
+_COMPILED: dict = {}  # cascade structure -> its compiled function (see cascade_function)

@@ -54,6 +54,7 @@ class EngineConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB
     max_prefill_tokens: int | None = None  # None: the backend's default
+    max_step_tokens: int | None = None  # prefill tokens per engine step beside the decode; None: the backend's
     kv: KVFormat | None = None  # None: KV in the model dtype
     options: ForwardOptions | None = None  # forward choices; None: the backend's (model_runner.default_options)
     # (name, absolute path or None for the base model) the model must carry, in order: a worker
@@ -74,13 +75,14 @@ class EngineConfig:
     @classmethod
     def of(cls, *, max_batch: int | None = None, max_kv_gb: float | None = None,
            prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB,
-           max_prefill_tokens: int | None = None, options: ForwardOptions | None = None,
-           kv_bits: int | None = None, kv_value_bits: int | None = None,
+           max_prefill_tokens: int | None = None, max_step_tokens: int | None = None,
+           options: ForwardOptions | None = None, kv_bits: int | None = None, kv_value_bits: int | None = None,
            kv_group_size: int | None = None) -> EngineConfig:
         """Keyword construction (`Engine(lm, max_batch=8, kv_bits=4)`, as tests and probes write it):
         the KV format's three keywords become one KVFormat here and nowhere else."""
         return cls(max_batch=max_batch, max_kv_gb=max_kv_gb, prefill_chunk=prefill_chunk,
-                   prefix_cache_gb=prefix_cache_gb, max_prefill_tokens=max_prefill_tokens, options=options,
+                   prefix_cache_gb=prefix_cache_gb, max_prefill_tokens=max_prefill_tokens,
+                   max_step_tokens=max_step_tokens, options=options,
                    kv=KVFormat.of(kv_bits, kv_value_bits, kv_group_size))
 
     @property

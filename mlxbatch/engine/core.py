@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
@@ -28,8 +29,9 @@ from mlxbatch.engine.oom import free_memory, is_out_of_memory
 from mlxbatch.engine.prefix_cache import PrefixCache
 from mlxbatch.engine.sampling import RowParams, allowed_tokens, sample
 from mlxbatch.engine.scheduler import Scheduler, Unit, request_key
+from mlxbatch.engine.shapes import num_traces, row_bucket, row_buckets
 from mlxbatch.models import LoadedModel
-from mlxbatch.types import Completion, EngineStats, Request
+from mlxbatch.types import Completion, EngineStats, Request, SamplingParams
 
 GPU_MAX_BATCH, CPU_MAX_BATCH = 512, 64  # rows decoded together by default
 _COMPACT_FRACTION = 0.5  # drop finished rows once they are half the batch (a compaction copies the cache)
@@ -38,6 +40,9 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MIN_HEAD_TOKENS = 64  # a cached prompt's head is reused from this many shared tokens (a system prompt)
 _OOM_SHRINK = 0.5  # after running out of memory: budget, batch width and prefill sizes times this
 _MIN_PREFILL_CHUNK = 16
+_MAX_FILLING = 4  # units prefilled side by side (a short prompt need not wait for a long one)
+_WARM_COLUMNS = (0, 100, 150, 200, 300, 600)  # warm-up widths: column buckets 64, 128, 192, 256, 512, 768
+_SLOW_STEP = 0.2  # seconds: a step this slow is counted (stats.slow_steps)
 
 
 @dataclass
@@ -68,7 +73,22 @@ class _Filling:
     cache: BatchCache
     tokens: mx.array
     valid: mx.array
+    spans: list  # each row's final span (as _Row.final_span), for the KV budget
     done_cols: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def remaining(self) -> int:
+        return self.rows * (self.tokens.shape[1] - self.done_cols)
+
+    @property
+    def order(self) -> tuple:
+        # Urgent classes first, then the least left to compute: a short prompt beside a long one
+        # is done within a step or two.
+        return (self.unit.requests[0].priority, self.remaining)
 
 
 def _runner(lm: LoadedModel, options: ForwardOptions | None) -> ModelRunner:
@@ -120,8 +140,12 @@ class Engine:
                                state_bytes=self.runner.state_bytes_per_row(), fine=is_cpu)
         self.prefill_chunk = plan.get("prefill_chunk") or config.prefill_chunk
         self.max_prefill_tokens = plan.get("max_prefill_tokens") or config.max_prefill_tokens or (4096 if is_cpu else 32768)
+        # Prefill tokens (rows x columns) computed per step beside the decode: bounds every stream's step.
+        # Streamed weights are read once per step, so there a step prefills the plan's whole pass.
+        self.max_step_tokens = plan.get("max_prefill_tokens") or config.max_step_tokens or (256 if is_cpu else 2048)
         self.prefix_cache = PrefixCache(int(config.prefix_cache_gb * 1e9))
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(reserve=self.max_batch // 8)
+        self.is_bucketed = not self.runner.has_state  # rows padded to shapes.row_bucket (state layers: exact)
         self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe(),
                                  kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "",
                                  resident_share=lm.offload.plan.resident_share if lm.offload is not None else 1.0)
@@ -131,7 +155,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._params: RowParams | None = None
         self._next: tuple[mx.array, mx.array | None] | None = None  # sampled, not yet read
-        self._filling: _Filling | None = None  # a unit mid-prefill
+        self._filling: list[_Filling] = []  # units mid-prefill
         self._wants_logprobs = False
         self._num_alive = 0
         self._num_guided = 0  # live rows with a grammar (structured output)
@@ -167,7 +191,7 @@ class Engine:
                 self._num_guided -= row.guide is not None
                 self.stats.active = self._num_alive
                 return True
-        if self._filling is not None and any(r.key == key for r in self._filling.unit.requests):
+        if any(r.key == key for f in self._filling for r in f.unit.requests):
             self._cancelled.add(key)
             return True
         return False
@@ -187,11 +211,45 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.scheduler) or self._filling is not None or self.num_active > 0
+        return bool(self.scheduler) or bool(self._filling) or self.num_active > 0
+
+    def warm_up(self) -> int:
+        """Trace the compiled decode for every row bucket (and, where rows share prefixes, the
+        cascade; where attention runs over the bucketed buffer, its first column buckets) before
+        serving, so no request's step compiles them; returns the traces made."""
+        before = num_traces()
+        widths = _WARM_COLUMNS if self.runner.options.full_buffer else (0,)
+        for rows in row_buckets(self.max_batch) if self.is_bucketed else ():
+            for cols in widths:
+                if rows * (cols + 1) * self.budget.bytes_per_token <= self.max_kv_bytes // 4:
+                    self._warm(rows, cols, shared=False)
+            if self.runner.can_share_prefix and rows > 1:
+                self._warm(rows, 0, shared=True)
+        return num_traces() - before
+
+    def _warm(self, rows: int, cols: int, *, shared: bool) -> None:
+        """Two decode steps of `rows` rows after `cols` columns of zeros (a stand-in prompt)."""
+        one = self.runner.new_cache(1)
+        one.layout.begin(mx.ones((1, 1), dtype=mx.bool_))
+        self.runner.forward_hidden(mx.zeros((1, 1), dtype=mx.int32), one)
+        n = cols or self.runner.options.min_shared_tokens
+        kv = [tuple(each(lambda a: mx.repeat(a, n, axis=2), x) for x in entry) for entry in one.prefix_kv()]
+        cache = self.runner.new_cache(rows) if shared or not cols else BatchCache.from_prefix(
+            self.runner.cache_format, kv, rows, cols)
+        if shared:
+            cache.layout.share(SharedPrefix(b"", kv, n))
+        for _ in range(2):  # a first column, then one more: decode proper
+            cache.layout.begin(mx.ones((rows, 1), dtype=mx.bool_))
+            mx.eval(self.runner.forward_last(mx.zeros((rows, 1), dtype=mx.int32), cache))
+
+    @property
+    def num_filling(self) -> int:
+        return sum(f.rows for f in self._filling)
 
     def step(self) -> list[Completion]:
         """One scheduling round and one decode step; returns rows that finished."""
         done: list[Completion] = []
+        t0, traces, self._step_prefill = time.perf_counter(), num_traces(), 0
         try:
             if not self._step(done):
                 return done
@@ -200,7 +258,19 @@ class Engine:
                 raise
             done += self._recover(exc)
         self._count()
+        self._time(time.perf_counter() - t0, num_traces() - traces)
         return done
+
+    def _time(self, seconds: float, traces: int) -> None:
+        st = self.stats
+        st.step_seconds += seconds
+        st.step_max_seconds = max(st.step_max_seconds, seconds)
+        st.slow_steps += seconds > _SLOW_STEP
+        st.traces += traces
+        st.trace_steps += traces > 0
+        st.prefill_step_tokens += self._step_prefill
+        st.prefill_steps += self._step_prefill > 0
+        st.step_max_prefill_tokens = max(st.step_max_prefill_tokens, self._step_prefill)
 
     def _step(self, done: list) -> bool:
         """The step's work; rows that finish are appended to `done` as they do (so a failure
@@ -225,7 +295,7 @@ class Engine:
         st.active = self.num_active
         st.active_peak = max(st.active_peak, st.active)
         st.waiting = len(self.scheduler)
-        caches = [c for c in (self._cache, self._filling and self._filling.cache) if c is not None]
+        caches = [c for c in (self._cache, *(f.cache for f in self._filling)) if c is not None]
         # A prefix used by both the running batch and the unit being prefilled is held once.
         shared = {id(p): p.nbytes for c in caches for p in c.layout.groups}
         st.kv_shared_bytes = sum(shared.values()) + sum(c.layout.joined_bytes for c in caches)
@@ -269,7 +339,9 @@ class Engine:
 
         A hot loop (once per step over every row): kept flat on purpose.
         """
-        tokens = current[0].tolist()
+        t0 = time.perf_counter()
+        tokens = current[0].tolist()  # waits for the device: the rest of the step is host time
+        self.stats.sync_seconds += time.perf_counter() - t0
         lps = [a.tolist() for a in current[1]] if current[1] is not None else None
         eos, done, appended = self._eos, [], 0
         for i, (row, token) in enumerate(zip(self._rows, tokens)):
@@ -319,9 +391,10 @@ class Engine:
         return Completion(row.request.key, text, tokens, reason, row.prompt_len, row.logprobs)
 
     # ------------------------------------------------------------ batch shape
-    def _compact(self, force: bool = False) -> None:
+    def _compact(self, force: bool = False, *, bucket: bool = True) -> None:
         """Drop finished rows once they are half the batch, or when they hold columns no live row
-        needs (the widest rows finished: see budget.TRIM_SHARE), trimming those columns."""
+        needs (the widest rows finished: see budget.TRIM_SHARE), trimming those columns. Where the
+        batch is bucketed, dead rows stay as padding up to the bucket (blanked: they hold no columns)."""
         dead = len(self._rows) - self.num_active
         if not dead:
             return
@@ -334,31 +407,47 @@ class Engine:
         if not keep:
             self._cache, self._rows, self._params, self._next = None, [], None, None
             return
+        blank = row_bucket(len(keep), cap=self.max_batch) - len(keep) if bucket and self.is_bucketed else 0
+        dead_rows = [i for i, r in enumerate(self._rows) if not r.is_alive][:blank]
+        blank = len(dead_rows)  # never more padding rows than dead rows to reuse
+        keep += dead_rows
         index = mx.array(keep, dtype=mx.int32)
-        self._cache.keep(keep, trim=force or dead_cols > 0, stepwise=self._is_tight())
+        self._cache.keep(keep, trim=force or dead_cols > 0, stepwise=self._is_tight(), blank=blank)
         self._params = self._params.take(index)
         sampled, extra = self._next
         self._next = (sampled[index], tuple(a[index] for a in extra) if extra else None)
-        self._rows = [self._rows[i] for i in keep]
+        self._rows = [self._rows[i] for i in keep[:len(keep) - blank]] + [_pad_row(self._clock) for _ in range(blank)]
 
     def _admit(self) -> None:
-        """Advance the unit being prefilled by one chunk, or start the next one."""
-        if self._filling is None:
-            free = self.max_batch - self.num_active
-            if not self.scheduler or free <= 0:
-                return
-            if self.num_active and free < _ADMIT_FRACTION * self.max_batch and len(self.scheduler) >= free:
-                return
-            unit = self.scheduler.next_unit(max_rows=free, max_prefill_tokens=self.max_prefill_tokens,
-                                            fits=self._unit_fits)
-            if unit is None:
-                return
-            self._compact(force=True)  # finished rows make room for the unit (as KVBudget.projected_peak counts)
-            self._prefilling = unit
-            self._filling = self._start_unit(unit)
-        self._prefilling = self._filling.unit
-        self._prefill_chunk()
+        """Start units while slots are free, then spend the step's prefill budget (max_step_tokens)
+        on the units mid-prefill, most urgent and shortest first; a finished unit joins the batch."""
+        while len(self._filling) < _MAX_FILLING and self._start_next():
+            pass
+        budget = self.max_step_tokens
+        for f in sorted(self._filling, key=lambda f: f.order):
+            if budget <= 0:
+                break
+            self._prefilling = f.unit
+            budget -= self._prefill_chunk(f, budget)
+            self._prefilling = None
+
+    def _start_next(self) -> bool:
+        """Start the next unit where slots are free and it fits the KV budget; False if none."""
+        free = self.max_batch - self.num_active - self.num_filling
+        if not self.scheduler or free <= 0:
+            return False
+        busy = self.num_active + self.num_filling
+        if busy and free < _ADMIT_FRACTION * self.max_batch and len(self.scheduler) >= free:
+            return False
+        unit = self.scheduler.next_unit(max_rows=free, max_prefill_tokens=self.max_prefill_tokens,
+                                        fits=self._unit_fits)
+        if unit is None:
+            return False
+        self._compact(force=True)  # finished rows make room for the unit (as KVBudget.projected_peak counts)
+        self._prefilling = unit
+        self._filling.append(self._start_unit(unit))
         self._prefilling = None
+        return True
 
     @property
     def max_kv_bytes(self) -> int:
@@ -369,10 +458,11 @@ class Engine:
 
     def _unit_fits(self, requests: list, prefix_len: int) -> bool:
         """Whether a unit of these requests may start (one row always may, into an empty batch)."""
-        if not requests or (len(requests) == 1 and not self.num_active):
+        if not requests or (len(requests) == 1 and not self.num_active and not self._filling):
             return True
         groups = list(self._cache.layout.groups) if self._cache is not None else []
-        live = [r.final_span for r in self._rows if r.is_alive]
+        # Units mid-prefill count as rows of the batch: they join it before this unit.
+        live = [r.final_span for r in self._rows if r.is_alive] + [s for f in self._filling for s in f.spans]
         return self.budget.fits(self._unit_shape(requests, prefix_len, groups), live,
                                 sum(g.nbytes for g in groups), len(groups))
 
@@ -397,7 +487,11 @@ class Engine:
     def _start_unit(self, unit: Unit) -> _Filling:
         reqs = unit.requests
         p = unit.prefix_len if self._reuses_prefix(reqs) else 0  # else whole prompts, left-padded
-        cache = self._unit_cache(reqs, p)
+        if len(reqs) == 1 and p:  # a lone row reads what the LRU holds; the rest is prefilled step by step
+            kv, p = self._cached(request_key(reqs[0].tokens[:p], reqs[0].adapter), reqs[0].adapter)
+            cache = BatchCache.from_prefix(self.runner.cache_format, kv, 1, p) if p else self.runner.new_cache(1)
+        else:
+            cache = self._unit_cache(reqs, p)
         suffixes = [r.tokens[p:] for r in reqs]
         width = max(len(s) for s in suffixes)
         pads = [width - len(s) for s in suffixes]
@@ -410,7 +504,8 @@ class Engine:
         st.prompt_computed += sum(len(s) for s in suffixes)
         st.prompt_padding += sum(pads)
         st.prefix_hit_tokens += p * (len(reqs) - 1)
-        return _Filling(unit, cache, tokens, valid)
+        span = cache.columns + width  # the unit's columns once prefilled (a shared prefix not among them)
+        return _Filling(unit, cache, tokens, valid, [span + self._limit(r) + 1 for r in reqs])
 
     def _limit(self, request: Request) -> int:
         """Tokens a request may generate: its max_tokens, capped by the context."""
@@ -443,19 +538,23 @@ class Engine:
         held = self._cache.nbytes + self._cache.layout.shared_bytes if self._cache is not None else 0
         return held + self.budget.bytes_per_token * p * rows > self.max_kv_bytes
 
-    def _prefill_chunk(self) -> None:
-        f = self._filling
+    def _prefill_chunk(self, f: _Filling, budget: int) -> int:
+        """Prefill the next columns of `f` within `budget` tokens (at least a few columns, so a wide
+        unit still moves); join it when done. Returns the tokens computed."""
         unit, cache, tokens, start = f.unit, f.cache, f.tokens, f.done_cols
-        stop = min(start + self.prefill_chunk, tokens.shape[1])
+        cols = min(self.prefill_chunk, max(budget // f.rows, _MIN_PREFILL_CHUNK))
+        stop = min(start + cols, tokens.shape[1])
         cache.layout.begin(f.valid[:, start:stop])
         adapters = self._adapters(unit.requests)
+        self._step_prefill += f.rows * (stop - start)
         if stop < tokens.shape[1]:
             self.runner.forward_hidden(tokens[:, start:stop], cache, adapters)
             f.done_cols = stop
-            return
+            return f.rows * (stop - start)
         logits = self.runner.forward_last(tokens[:, start:stop], cache, adapters)
-        self._filling = None
+        self._filling.remove(f)
         self._join(unit, cache, logits)
+        return f.rows * (stop - start)
 
     def _join(self, unit: Unit, cache: BatchCache, logits: mx.array) -> None:
         """Sample the unit's first tokens and merge it into the running batch."""
@@ -471,11 +570,16 @@ class Engine:
         params.counter = params.counter + 1
         extra = self._logprob_arrays(sampled, logprobs)
         mx.eval(sampled, *cache.arrays(), *(extra or ()))
+        if len(unit.requests) == 1 and unit.prefix_len and self._reuses_prefix(unit.requests):
+            self._remember(unit.requests[0], cache)
         self._prefilling = None  # computed: from here on the unit is part of the running batch
         self._num_guided += num_guided
         self._drop_cancelled(rows)
-        self._compact(force=True)
+        self._compact(force=True, bucket=False)
         alive = sum(r.is_alive for r in rows)
+        pad = row_bucket(len(self._rows) + len(rows), cap=self.max_batch) - len(self._rows) - len(rows)
+        if pad and self.is_bucketed:
+            rows, params, sampled, extra = self._pad(cache, rows, params, sampled, extra, pad)
         if not self._rows:
             self._cache, self._params, self._rows, self._next = cache, params, rows, (sampled, extra)
             self._num_alive = alive
@@ -485,6 +589,14 @@ class Engine:
         self._next = (mx.concatenate([self._next[0], sampled]), _concat_extra(self._next[1], extra, len(self._rows)))
         self._rows = self._rows + rows
         self._num_alive += alive
+
+    def _pad(self, cache: BatchCache, rows: list, params: RowParams, sampled, extra, n: int):
+        """`n` dead rows added to a joining unit, so the batch it makes holds a bucket's rows."""
+        cache.merge(self.runner.new_cache(n))
+        rows = rows + [_pad_row(self._clock) for _ in range(n)]
+        params = params.concat(RowParams.build([SamplingParams()] * n))
+        zeros = lambda a: mx.concatenate([a, mx.zeros((n, *a.shape[1:]), dtype=a.dtype)])  # noqa: E731
+        return rows, params, zeros(sampled), tuple(zeros(a) for a in extra) if extra else None
 
     def _drop_cancelled(self, rows: list) -> None:
         """Rows cancelled while their unit was prefilled join dead (compaction drops them)."""
@@ -496,19 +608,12 @@ class Engine:
                 r.is_alive = False
                 self._num_guided -= r.guide is not None
 
-    def _prefix(self, prefix: list[int], adapter: int = 0) -> SharedPrefix:
-        """A prompt prefix's KV (batch 1) under one adapter, from the LRU (the same object) or computed
-        and cached; a cached shorter prefix of it, or the head it shares with a cached one, is extended
-        rather than recomputed."""
-        key = request_key(prefix, adapter)
+    def _cached(self, key: bytes, adapter: int) -> tuple[list | None, int]:
+        """(KV, length) of the longest head of the prompt `key` the LRU holds: a cached prefix of it,
+        or the head it shares with a cached prompt (from MIN_HEAD_TOKENS tokens); (None, 0) if none."""
         self.stats.prefix_lookups += 1
         found = self.prefix_cache.longest(key)
-        have = found.length if found else 0
-        if have == len(prefix):
-            self.stats.prefix_hit_tokens += have
-            self.stats.prefix_hits += 1
-            return found
-        kv = found.kv if found else None
+        kv, have = (found.kv, found.length) if found else (None, 0)
         packed = self.runner.options.kv
         # Packed KV or a state (the whole prefix's summary): no head slicing.
         head, n = self.prefix_cache.shared_head(key) if packed is None and not self.runner.has_state else (None, 0)
@@ -516,6 +621,31 @@ class Engine:
         if n >= have + MIN_HEAD_TOKENS:  # causal: the first n positions' KV depend on those n tokens only
             kv, have = [(k[:, :, :n], v[:, :, :n]) for k, v in head.kv], n
         self.stats.prefix_hit_tokens += have
+        self.stats.prefix_hits += bool(have)
+        return kv, have
+
+    def _remember(self, request: Request, cache: BatchCache) -> None:
+        """A lone row's prompt (but its last token) into the LRU, as `_prefix` stores a computed prefix."""
+        n = len(request.tokens) - 1
+        key = request_key(request.tokens[:n], request.adapter)
+        found = self.prefix_cache.longest(key)
+        if n <= 0 or self.runner.has_state or (found is not None and found.length == n):
+            return
+        kv = [tuple(each(lambda a: mx.contiguous(a[:, :, :n]), x) for x in entry) for entry in cache.prefix_kv()]
+        self.prefix_cache.put(SharedPrefix(key, kv, n))
+
+    def _prefix(self, prefix: list[int], adapter: int = 0) -> SharedPrefix:
+        """A prompt prefix's KV (batch 1) under one adapter, from the LRU (the same object) or computed
+        and cached; a cached shorter prefix of it, or the head it shares with a cached one, is extended
+        rather than recomputed."""
+        key = request_key(prefix, adapter)
+        found = self.prefix_cache.longest(key)
+        if found is not None and found.length == len(prefix):
+            self.stats.prefix_lookups += 1
+            self.stats.prefix_hit_tokens += found.length
+            self.stats.prefix_hits += 1
+            return found
+        kv, have = self._cached(key, adapter)
         cache = BatchCache.from_prefix(self.runner.cache_format, kv, 1, have) if have else self.runner.new_cache(1)
         rest = mx.array([prefix[have:]], dtype=mx.int32)
         for start in range(0, rest.shape[1], self.prefill_chunk):
@@ -538,8 +668,8 @@ class Engine:
         unit = self._prefilling  # set: the failure came from this unit's prefill, the batch is intact
         failed = list(unit.requests) if unit is not None else []
         in_batch = unit is None and bool(self._rows)
-        if unit is None and self._filling is not None:  # a unit mid-prefill goes too: it holds memory
-            failed += self._filling.unit.requests
+        if unit is None:  # units mid-prefill go too: they hold memory
+            failed += [r for f in self._filling for r in f.unit.requests]
         held = self.stats.kv_bytes
         if in_batch:
             alive = [r for r in self._rows if r.is_alive]
@@ -547,7 +677,8 @@ class Engine:
             self.stats.generated_tokens -= sum(len(r.generated) for r in alive)  # they run again
             self._cache, self._rows, self._params, self._next = None, [], None, None
             self._num_alive = self._num_guided = 0
-        self._filling = self._prefilling = None
+        self._filling = [f for f in self._filling if unit is not None and f.unit is not unit]
+        self._prefilling = None
         self.prefix_cache.clear()
         free_memory()
         # A row that failed alone gets one more try (smaller prefill chunks, memory freed); twice: an error.
@@ -575,9 +706,16 @@ class Engine:
 
     def _shrink(self, rows: int, held: int) -> None:
         self.max_batch = max(1, int(min(self.max_batch, rows) * _OOM_SHRINK))
+        self.scheduler.reserve = self.max_batch // 8
+        self.max_step_tokens = max(_MIN_PREFILL_CHUNK, int(self.max_step_tokens * _OOM_SHRINK))
         self.budget.shrink(held, self._longest_row())
         self.max_prefill_tokens = max(_MIN_PREFILL_CHUNK, int(self.max_prefill_tokens * _OOM_SHRINK))
         self.prefill_chunk = max(_MIN_PREFILL_CHUNK, int(self.prefill_chunk * _OOM_SHRINK))
+
+
+def _pad_row(clock: int) -> _Row:
+    """A dead row that only fills the batch to its bucket (shapes.row_bucket)."""
+    return _Row(Request(None, [], SamplingParams(max_tokens=0)), 0, 0, born=clock, is_alive=False)
 
 
 def _with_kv(lm: LoadedModel, options: ForwardOptions, kv: KVFormat | None) -> ForwardOptions:

@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 from mlxbatch.engine.attention import AttendOptions, additive, attend
 from mlxbatch.engine.lora import apply, concat, unwrap
+from mlxbatch.engine.shapes import compiled
 
 
 class FusedProjection:
@@ -171,11 +172,11 @@ class DecodePlan:
         self.bank = banks[0] if banks else None
         mode = self.bank.mode if self.bank else "dense"
         self.opts, self.scale, self.bucketed = opts, attn.scale, bucketed
-        self.pre = mx.compile(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, qk_eps=qk_eps, rope=attn.rope,
-                                      dense_q=dense_q, mode=mode))
-        self.post = mx.compile(partial(_post, eps=eps, use_addmm=use_addmm, mode=mode))
-        self.attend_post = mx.compile(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm,
-                                              mode=mode))
+        self.pre = compiled(partial(_pre, heads=(attn.n_heads, attn.n_kv_heads), eps=eps, qk_eps=qk_eps,
+                                    rope=attn.rope, dense_q=dense_q, mode=mode), "decode_pre")
+        self.post = compiled(partial(_post, eps=eps, use_addmm=use_addmm, mode=mode), "decode_post")
+        self.attend_post = compiled(partial(_attend_post, eps=eps, scale=attn.scale, opts=opts, use_addmm=use_addmm,
+                                            mode=mode), "decode_attend_post")
 
     @classmethod
     def build(cls, model: nn.Module, fused: list | None, opts: AttendOptions, *, bucketed: bool, use_addmm: bool,

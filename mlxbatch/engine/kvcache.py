@@ -452,14 +452,17 @@ class BatchCache:
         return [c.prefix() if isinstance(c, StateCache) else tuple(each(lambda a: a[:1], x) for x in c.used())
                 for c in self.layers]
 
-    def keep(self, rows: list[int], *, trim: bool = False, stepwise: bool = False) -> None:
+    def keep(self, rows: list[int], *, trim: bool = False, stepwise: bool = False, blank: int = 0) -> None:
         """Drop every row not listed; with `trim`, also the leading columns no row uses
         (that reads a value back from the device, so only where a sync happens anyway).
         `stepwise`: layer by layer, so the old buffers of one layer at a time sit beside the new
-        ones (a sync per layer: only where a whole copy would not fit the KV budget)."""
+        ones (a sync per layer: only where a whole copy would not fit the KV budget). The last `blank`
+        rows keep no valid column (padding rows: their old columns must not hold back a trim)."""
         index = mx.array(rows, dtype=mx.int32)
         lay = self.layout
         valid = lay.valid[index]
+        if blank:
+            valid = mx.concatenate([valid[: len(rows) - blank], mx.zeros((blank, valid.shape[1]), dtype=mx.bool_)])
         start = int(mx.argmax(valid.any(axis=0)).item()) if trim and lay.idx else 0
         lay.valid = valid[:, start:]
         lay.offset = lay.offset[index]

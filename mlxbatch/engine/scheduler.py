@@ -5,7 +5,10 @@ rows sharing a prefix sit next to each other (a sorted array does the work of a
 radix tree here: the rows with the longest common prefix with any row are its
 neighbours). A unit is formed around the oldest waiting row (no starvation):
 its prefix-sharing neighbours, then the closest in length (less padding), under
-a row and a prefill-token cap. Does not own: running the model (engine/core.py).
+a row and a prefill-token cap. Priority (types.Priority): each class waits in its own window and
+the most urgent non-empty class forms the next unit; a yielding class (batch rows) takes only slots
+beyond a reserve kept for urgent requests, a reserve's worth at a time, so its rows never have to be
+cancelled and redone when an urgent request arrives. Does not own: running the model (engine/core.py).
 """
 
 from __future__ import annotations
@@ -54,6 +57,48 @@ class Unit:
 
 
 class Scheduler:
+    """Waiting requests by priority class (types.Priority: lower is more urgent)."""
+
+    def __init__(self, *, reserve: int = 0):
+        self.reserve = reserve  # slots a yielding class leaves free for urgent requests
+        self._queues: dict[int, _Queue] = {}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def __bool__(self) -> bool:
+        return any(self._queues.values())
+
+    def count(self, priority: int) -> int:
+        q = self._queues.get(priority)
+        return len(q) if q is not None else 0
+
+    def add(self, request) -> None:
+        p = int(getattr(request, "priority", 0))
+        if p not in self._queues:
+            self._queues = dict(sorted({**self._queues, p: _Queue()}.items()))
+        self._queues[p].add(request)
+
+    def remove(self, key) -> bool:
+        return any(q.remove(key) for q in self._queues.values())
+
+    def next_priority(self) -> int | None:
+        return next((p for p, q in self._queues.items() if q), None)
+
+    def next_unit(self, *, max_rows: int, max_prefill_tokens: int, fits=None) -> Unit | None:
+        """The next unit of the most urgent class waiting (see _Queue.next_unit); a yielding class
+        (priority > 0) gets the slots beyond the reserve, at most a reserve's worth."""
+        p = self.next_priority()
+        if p is None:
+            return None
+        if p > 0 and self.reserve:
+            max_rows = min(max_rows - self.reserve, self.reserve)
+        return self._queues[p].next_unit(max_rows=max_rows, max_prefill_tokens=max_prefill_tokens, fits=fits)
+
+
+class _Queue:
+    """One priority class's waiting requests, sorted by tokens for prefix sharing."""
+
     def __init__(self):
         self._waiting: dict[int, object] = {}  # seq -> request, oldest first
         self._sorted: list[tuple[bytes, int]] = []

@@ -102,6 +102,42 @@ class Tokenizer:
         return wrapper
 
 
+class StreamingDecoder:
+    """One stream's text, token by token, equal to a full decode of its tokens so far.
+
+    Why: decoding all of a stream's tokens at every step is quadratic in its length. Each token
+    decodes a short window (from the last two committed tokens); a character whose bytes are split
+    over tokens (a trailing U+FFFD) waits for the rest, as TGI's and vLLM's incremental decoders do.
+    """
+
+    def __init__(self, tokenizer):
+        self._decode = tokenizer.decode
+        self.text = ""
+        self._prefix = self._read = 0  # window start; end of the tokens already in `text`
+
+    def add(self, tokens: list) -> str:
+        """The new text `tokens` (all of the stream's tokens so far) add; '' while a character is split."""
+        if len(tokens) <= self._read:
+            return ""
+        before = self._decode(tokens[self._prefix:self._read]) if self._read > self._prefix else ""
+        after = self._decode(tokens[self._prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before) or not after.startswith(before):
+            return ""
+        new = after[len(before):]
+        self._prefix, self._read = self._read, len(tokens)
+        self.text += new
+        return new
+
+    def flush(self, tokens: list) -> str:
+        """The rest at the stream's end, split characters included (as a full decode shows them)."""
+        before = self._decode(tokens[self._prefix:self._read]) if self._read > self._prefix else ""
+        after = self._decode(tokens[self._prefix:])
+        new = after[len(before):] if after.startswith(before) else ""
+        self._prefix = self._read = len(tokens)
+        self.text += new
+        return new
+
+
 class TransformersTokenizer:
     """mlx-lm's TokenizerWrapper (transformers) behind the same interface, for folders only transformers reads."""
 

@@ -33,7 +33,7 @@ from mlxbatch.job.grammar import GrammarError, Grammars
 from mlxbatch.job.render import Renderer
 from mlxbatch.output.records import RecordMaker
 from mlxbatch.server.batches import BatchStore
-from mlxbatch.server.engine_loop import EngineLoop, QueueFull, Ticket
+from mlxbatch.server.engine_loop import EngineLoop, QueueFull, Ticket, engine_step_metrics
 from mlxbatch.server.errors import ApiError, from_row_error
 from mlxbatch.server.files import FileStore, boundary_of
 from mlxbatch.server.guard import guard
@@ -321,6 +321,7 @@ async def metrics(request: Request) -> Response:
         ("mlxbatch_batch_rows_total", "counter", "batch samples completed", ls.batch_rows),
         ("mlxbatch_batch_preempted_total", "counter", "batch rows preempted for interactive ones", ls.preempted),
         ("mlxbatch_engine_errors_total", "counter", "failed engine steps", ls.engine_errors),
+        *engine_step_metrics(e),
     ]
     lines = []
     for name, kind, help_, v in values:

@@ -1,18 +1,13 @@
 """The server's one engine thread: interactive requests and batch rows share one Engine.
 
 Owns: the thread that steps the Engine (no other thread touches it), the hand-off of requests
-and cancels from other threads, routing each completion (and each streamed row's new text) back
-to whoever asked, and the priority policy:
-
-  Interactive requests come first. Batch rows are taken from their jobs' queues only into
-  slots that interactive traffic leaves free, less a reserve of an eighth of the batch (the
-  engine's refill step) kept for new interactive requests, and only a reserve's worth at a
-  time (each admission is a prefill and a cache merge). A batch row never waits in the
-  engine's queue ahead of an interactive one: when an interactive request arrives, batch rows
-  not yet decoding go back to the head of their queue. When interactive requests wait and no
-  slot is free, the most recently started batch rows are preempted: cancelled, put back at
-  the head of their queue and later generated again from the start (their seeds are their
-  own, so their output is the same).
+and cancels from other threads, and routing each completion (and each streamed sample's new
+text, decoded incrementally) back to whoever asked. Priority is the engine scheduler's
+(types.Priority): interactive requests are admitted first; batch rows fill the slots they leave,
+less a reserve of an eighth of the batch kept for new interactive requests, a reserve's worth at
+a time. A batch row once admitted runs to its end: nothing is cancelled and redone for priority.
+Batch rows go from their jobs' queues into the engine's a window at a time (the scheduler groups
+what it sees by shared prefix). A step's events reach each event loop in one hand-off.
 
 Does not own: HTTP (server/app.py), rendering (job/render.py), batch jobs (server/batches.py).
 """
@@ -24,13 +19,14 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from mlxbatch.engine import Engine
 from mlxbatch.engine.config import EngineConfig
 from mlxbatch.job.render import request_params
-from mlxbatch.types import Completion, EngineStats, Item, Request
+from mlxbatch.models.tokenizer import StreamingDecoder
+from mlxbatch.types import Completion, EngineStats, Item, Priority, Request
 
 log = logging.getLogger("mlxbatch.server")
 
@@ -44,9 +40,10 @@ class QueueFull(Exception):
 
 @dataclass
 class _Sample:
-    """What a streamed sample has sent so far."""
+    """What a streamed sample has sent so far, and its incremental decoder."""
 
-    text: str = ""
+    decoder: StreamingDecoder
+    num_chars: int = 0
     num_logprobs: int = 0
 
 
@@ -74,11 +71,32 @@ class Ticket:
             pass
 
 
+def engine_step_metrics(e: EngineStats) -> list[tuple]:
+    """/metrics lines on where engine steps spend their time (scripts/serve_bench.py reads them)."""
+    return [
+        ("mlxbatch_engine_steps_total", "counter", "engine steps", e.steps),
+        ("mlxbatch_engine_step_seconds_total", "counter", "wall time inside engine steps", round(e.step_seconds, 4)),
+        ("mlxbatch_engine_sync_seconds_total", "counter", "of which waiting for the device", round(e.sync_seconds, 4)),
+        ("mlxbatch_engine_step_seconds_max", "gauge", "the slowest engine step", round(e.step_max_seconds, 4)),
+        ("mlxbatch_engine_slow_steps_total", "counter", "engine steps over 200 ms", e.slow_steps),
+        ("mlxbatch_compiles_total", "counter", "compiled functions traced (each a compile)", e.traces),
+        ("mlxbatch_compile_steps_total", "counter", "engine steps that compiled", e.trace_steps),
+        ("mlxbatch_prefill_step_tokens_total", "counter", "prefill tokens computed inside steps", e.prefill_step_tokens),
+        ("mlxbatch_prefill_steps_total", "counter", "engine steps that prefilled", e.prefill_steps),
+        ("mlxbatch_step_prefill_tokens_max", "gauge", "most prefill tokens in one step", e.step_max_prefill_tokens),
+    ]
+
+
+def _put_all(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class BatchFeed:
     """A batch job's view of the shared engine: what `runner.JobLoop` calls as its engine.
 
     The job's thread adds rendered rows (they wait here, in order) and steps (it waits for
-    completions); the engine thread takes rows into free slots and delivers completions.
+    completions); the engine thread moves rows into the engine and delivers completions.
     """
 
     def __init__(self, owner: "EngineLoop", fid: int):
@@ -90,6 +108,7 @@ class BatchFeed:
         self._done: list[Completion] = []
         self._cv = threading.Condition()
         self._outstanding = 0  # added, not yet delivered
+        self.in_engine: dict = {}  # row key -> request, for rows handed to the engine (engine thread only)
 
     # -- the job's thread (Engine's interface, as JobLoop uses it)
     def add(self, request: Request) -> None:
@@ -144,7 +163,7 @@ class LoopStats:
     requests: int = 0  # interactive requests admitted
     rejected: int = 0  # refused with 429
     cancelled: int = 0  # interactive samples dropped (client gone)
-    preempted: int = 0  # batch rows taken out of the batch to make room for interactive ones
+    preempted: int = 0  # kept for /metrics: 0 since priority is the scheduler's (no row is redone)
     batch_rows: int = 0  # batch samples completed
     engine_errors: int = 0
 
@@ -158,7 +177,6 @@ class EngineLoop:
         self._factory = lambda: engine_factory(lm, config)
         self.engine = self._factory()
         self.max_batch = self.engine.max_batch
-        self.reserve = self.max_batch // 8
         self.max_in_flight = self.max_batch + max_queue  # interactive samples, running or waiting
         self.stats = LoopStats()
         self._cv = threading.Condition()
@@ -166,9 +184,7 @@ class EngineLoop:
         self._in_flight = 0  # interactive samples accepted, not finished (read by submit under _cv)
         self._tickets: dict[int, Ticket] = {}
         self._feeds: dict[int, BatchFeed] = {}
-        self._batch: dict[tuple, tuple[BatchFeed, Request]] = {}  # engine key -> its feed and request
-        self._batch_started: OrderedDict[tuple, None] = OrderedDict()  # batch keys decoding, oldest first
-        self._inter_waiting: set[tuple] = set()  # interactive keys not decoding yet
+        self._outbox: dict = {}  # event loop -> [(queue, event)] of this step, handed over at once
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlxbatch-engine", daemon=True)
@@ -219,14 +235,16 @@ class EngineLoop:
 
     @property
     def num_queued_interactive(self) -> int:
-        return len(self._inter_waiting)
+        return self.engine.scheduler.count(Priority.INTERACTIVE)
 
     @property
     def num_queued_batch(self) -> int:
-        return sum(f.num_waiting for f in list(self._feeds.values()))
+        waiting = sum(f.num_waiting for f in list(self._feeds.values()))
+        return waiting + self.engine.scheduler.count(Priority.BATCH)
 
     # ------------------------------------------------------------ the engine thread
     def _run(self) -> None:
+        self._warm_up()
         while True:
             with self._cv:
                 while not (self._stopping or self._inbox or self.engine.has_work or self._has_batch_rows()):
@@ -237,39 +255,58 @@ class EngineLoop:
             for op, arg in inbox:
                 getattr(self, "_on_" + op)(arg)
             try:
-                self._schedule()
+                self._feed_batch_rows()
                 if self.engine.has_work:
                     self._route(self.engine.step())
                     self._stream()
             except Exception as exc:  # a failed step (out of memory, a bug): fail what ran, keep serving
                 log.exception("engine step failed")
                 self._recover(exc)
+            self._flush()
         for t in list(self._tickets.values()):
             t.push(("error", "the server is shutting down"))
+
+    def _warm_up(self) -> None:
+        """Compile the decode's shapes before the first request (requests arriving meanwhile wait)."""
+        t0 = time.perf_counter()
+        try:
+            traces = self.engine.warm_up()
+        except Exception:  # a warm-up is an optimization: serve without it
+            log.exception("warm-up failed")
+            return
+        log.info("warm-up: %d compiles in %.1f s", traces, time.perf_counter() - t0)
 
     def _has_batch_rows(self) -> bool:
         return any(f.num_waiting for f in self._feeds.values())
 
+    def _post(self, t: Ticket, event: tuple) -> None:
+        self._outbox.setdefault(t.loop, []).append((t.events, event))
+
+    def _flush(self) -> None:
+        """This step's events, one hand-off per event loop (not one wake-up per token)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
+                pass
+
     def _on_add(self, t: Ticket) -> None:
         self.stats.requests += 1
         self._tickets[t.id] = t
-        t.sent = [_Sample() for _ in range(t.item.n)]
+        t.sent = [_Sample(StreamingDecoder(self.lm.tokenizer)) for _ in range(t.item.n)] if t.is_stream else []
         t.remaining = t.item.n
         t.hold = max((len(s) for s in t.item.params.stop), default=0)
         for s in range(t.item.n):
-            key = ("i", t.id, s)
-            self.engine.add(Request(key, t.item.tokens, request_params(t.item, s), t.guides[s] if t.guides else None))
-            self._inter_waiting.add(key)
-        self._requeue_batch_waiting()
+            self.engine.add(Request(("i", t.id, s), t.item.tokens, request_params(t.item, s),
+                                    t.guides[s] if t.guides else None, priority=Priority.INTERACTIVE))
 
     def _on_cancel(self, t: Ticket) -> None:
         if self._tickets.pop(t.id, None) is None:
             return  # already finished
         for s in range(t.item.n):
-            key = ("i", t.id, s)
-            if self.engine.cancel(key):
+            if self.engine.cancel(("i", t.id, s)):
                 self.stats.cancelled += 1
-            self._inter_waiting.discard(key)
         self._finish_interactive(t.remaining)
 
     def _on_feed(self, feed: BatchFeed) -> None:
@@ -277,100 +314,65 @@ class EngineLoop:
 
     def _on_close(self, feed: BatchFeed) -> None:
         self._feeds.pop(feed.fid, None)
-        for key in [k for k, (f, _) in self._batch.items() if f is feed]:
-            self.engine.cancel(key)
-            self._forget_batch(key)
+        for key in feed.in_engine:
+            self.engine.cancel(("b", feed.fid, key))
+        feed.in_engine.clear()
 
     def _finish_interactive(self, samples: int) -> None:
         with self._cv:
             self._in_flight -= samples
 
-    # -- priority
-    def _requeue_batch_waiting(self) -> None:
-        """Batch rows not decoding yet go back to their queues: the interactive request goes first."""
-        for key in [k for k in self._batch if k not in self._batch_started]:
-            if self.engine.cancel(key):
-                self._put_back(key)
-
-    def _schedule(self) -> None:
-        eng = self.engine
-        if not eng.has_work:
-            self._inter_waiting.clear()  # nothing can be waiting in an idle engine (a stale key must not block batches)
-        waiting = len(self._inter_waiting)
-        if waiting:
-            # The engine admits while the free slots outnumber its queue (or are an eighth of the batch).
-            need = min(waiting + 1, self.max_batch) - (self.max_batch - eng.num_active)
-            for key in list(reversed(self._batch_started))[:max(need, 0)]:
-                eng.cancel(key)
-                self._put_back(key)
-                self.stats.preempted += 1
-            return
-        step = max(self.reserve, 1)
-        room = self.max_batch - self.reserve - eng.num_active - eng.num_waiting
-        if room <= 0 or (eng.num_active and room < step):
-            return
-        room = min(room, step)  # one unit's prefill is what a chat request arriving now may wait behind
+    def _feed_batch_rows(self) -> None:
+        """Keep a window of batch rows waiting in the engine (its scheduler ranks them after
+        interactive requests): a batch's rows enter as slots free, never ahead of a chat request."""
+        room = self.max_batch - self.engine.scheduler.count(Priority.BATCH)
         for feed in list(self._feeds.values()):
-            for r in feed.take(room):
-                key = ("b", feed.fid, r.key)
-                self._batch[key] = (feed, r)
-                eng.add(Request(key, r.tokens, r.params, r.guide))
-                room -= 1
             if room <= 0:
                 return
-
-    def _put_back(self, key: tuple) -> None:
-        feed, request = self._batch[key]
-        self._forget_batch(key)
-        feed.put_back([request])
-
-    def _forget_batch(self, key: tuple) -> None:
-        self._batch.pop(key, None)
-        self._batch_started.pop(key, None)
+            for r in feed.take(room):
+                feed.in_engine[r.key] = r
+                self.engine.add(Request(("b", feed.fid, r.key), r.tokens, r.params, r.guide, r.adapter,
+                                        priority=Priority.BATCH))
+                room -= 1
 
     # -- results
     def _route(self, done: list[Completion]) -> None:
         for c in done:
             kind, owner, sub = c.key
             if kind == "b":
-                entry = self._batch.get(c.key)
-                self._forget_batch(c.key)
-                if entry is not None:
+                feed = self._feeds.get(owner)
+                if feed is not None and feed.in_engine.pop(sub, None) is not None:
                     self.stats.batch_rows += 1
-                    entry[0].deliver(Completion(sub, c.text, c.tokens, c.finish_reason, c.prompt_tokens, c.logprobs))
+                    feed.deliver(Completion(sub, c.text, c.tokens, c.finish_reason, c.prompt_tokens, c.logprobs,
+                                            c.error))
                 continue
-            self._inter_waiting.discard(c.key)
             t = self._tickets.get(owner)
             if t is None:
                 continue
-            t.push(("done", sub, c))
+            self._post(t, ("done", sub, c))
             t.remaining -= 1
             self._finish_interactive(1)
             if t.remaining == 0:
                 del self._tickets[owner]
 
     def _stream(self) -> None:
-        """Note which rows now decode, and send each streamed sample's new text."""
+        """Send each streamed sample's new text."""
         for key, tokens, logprobs in self.engine.live():
-            if key[0] == "b":
-                if key not in self._batch_started:
-                    self._batch_started[key] = None
-                continue
-            self._inter_waiting.discard(key)
-            t = self._tickets.get(key[1])
-            if t is not None and t.is_stream:
-                self._send_delta(t, key[2], tokens, logprobs)
+            if key[0] == "i":
+                t = self._tickets.get(key[1])
+                if t is not None and t.is_stream:
+                    self._send_delta(t, key[2], tokens, logprobs)
 
     def _send_delta(self, t: Ticket, s: int, tokens: list, logprobs: list | None) -> None:
         sent = t.sent[s]
-        text = self.lm.tokenizer.decode(tokens)
-        safe = text[: len(text) - t.hold] if t.hold else text
-        safe = safe.rstrip("\ufffd")  # a character cut between tokens: wait for the rest
-        new_lp = logprobs[sent.num_logprobs:] if logprobs is not None else None
-        if len(safe) <= len(sent.text) or not safe.startswith(sent.text):
+        if not sent.decoder.add(tokens):
             return
-        t.push(("delta", s, safe[len(sent.text):], new_lp))
-        sent.text = safe
+        end = len(sent.decoder.text) - t.hold
+        if end <= sent.num_chars:
+            return
+        new_lp = logprobs[sent.num_logprobs:] if logprobs is not None else None
+        self._post(t, ("delta", s, sent.decoder.text[sent.num_chars:end], new_lp))
+        sent.num_chars = end
         if logprobs is not None:
             sent.num_logprobs = len(logprobs)
 
@@ -378,11 +380,11 @@ class EngineLoop:
         """A step raised: every interactive request in it fails, batch rows go back; a fresh engine."""
         self.stats.engine_errors += 1
         for t in list(self._tickets.values()):
-            t.push(("error", f"generation failed: {exc}"))
+            self._post(t, ("error", f"generation failed: {exc}"))
             self._finish_interactive(t.remaining)
         self._tickets.clear()
-        self._inter_waiting.clear()
-        for key in list(self._batch):
-            self._put_back(key)
+        for feed in self._feeds.values():
+            feed.put_back(list(feed.in_engine.values()))
+            feed.in_engine.clear()
         self.engine = self._factory()
         time.sleep(0.1)
