@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--model", default="random:tiny")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--concurrency", default="1,8,64,256")
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(4c, 64))")
+    ap.add_argument("--requests", default="0", help="requests per level, one or one per level (0: max(4c, 64))")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--peers", default="mlxbatch,mlx-lm")
@@ -68,9 +68,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="folder for GuideLLM's raw JSON and results.json")
     args = ap.parse_args()
     if args.small:
-        args.concurrency, args.requests = "1,4", args.requests or 12
+        args.concurrency, args.requests = "1,4", "12"
         args.prompt_tokens, args.output_tokens = 64, 16
     levels = [int(x) for x in args.concurrency.split(",")]
+    counts = [int(x) for x in args.requests.split(",")]
+    counts = dict(zip(levels, counts if len(counts) == len(levels) else counts[:1] * len(levels)))
     work = Path(tempfile.mkdtemp(prefix="guidellm-bench-"))
     out_dir = args.out or work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def main() -> None:
         try:
             stream_chat(port, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4}, model_id)
             for c in levels:
-                n = args.requests or max(4 * c, 64)
+                n = counts[c] or max(4 * c, 64)
                 r = guidellm(args.guidellm_python, port, model_id, folder, concurrency=c, requests=n, prompt_tokens=args.prompt_tokens,
                              output_tokens=args.output_tokens, out=out_dir / f"{peer}-c{c}.json")
                 res["runs"].setdefault(str(c), {})[peer] = r

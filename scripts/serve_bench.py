@@ -261,6 +261,7 @@ def main() -> None:
     ap.add_argument("--max-out", type=int, default=256)
     ap.add_argument("--batch-rows", type=int, default=20000, help="rows of the batch behind the TTFT probe (0: skip)")
     ap.add_argument("--peers", default="mlxbatch,mlx-lm")
+    ap.add_argument("--variants", default="mixed,shared-system")
     ap.add_argument("--small", action="store_true", help="tiny counts, for a CPU smoke run")
     ap.add_argument("--json", type=Path, help="write the raw results here")
     args = ap.parse_args()
@@ -291,6 +292,8 @@ def main() -> None:
         try:
             stream_chat(port, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4}, model_id)
             for variant, shared in (("mixed", None), ("shared-system", system)):
+                if variant not in args.variants.split(","):
+                    continue
                 for c in levels:
                     n = args.requests or max(2 * c, 16)
                     reqs = workload(n, rng=random.Random(c), shared_system=shared, max_out=args.max_out,

@@ -13,7 +13,7 @@ def _first_token_step(eng: Engine, key) -> int:
 
 
 def test_short_request_first_token_within_bounded_steps_while_long_prompt_prefills(tiny):
-    eng = Engine(tiny, max_batch=8)
+    eng = Engine(tiny, max_batch=8, max_step_tokens=256)  # the server's CPU budget (is_interactive)
     long_prompt = tiny.tokenizer.encode("the lighthouse keeper counted ships " * 800)[:4000]
     eng.add(Request("long", long_prompt, SamplingParams(max_tokens=4)))
     eng.step()  # the long prompt's prefill has begun

@@ -256,13 +256,15 @@ def run_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts:
 
 def _kv_budget_gb(lm, prompts, max_tokens: int, rows: int) -> float:
     """The KV budget that holds `rows` of the longest of these rows in the model dtype, nothing shared,
-    as the engine accounts for them (capacity steps and trim slack: budget.held_columns)."""
+    as the engine accounts for them (shape buckets, capacity steps and trim slack: budget.held_columns)."""
     from mlxbatch.engine.budget import held_columns
     from mlxbatch.engine.core import _runner
+    from mlxbatch.engine.shapes import row_bucket
 
     runner = _runner(lm, None)
     columns = held_columns(max(len(p) for p in prompts) + max_tokens + 1, fine=not runner.options.full_buffer)
-    return rows * runner.kv_bytes_per_token() * columns / 1e9
+    held = rows if runner.has_state else row_bucket(rows)  # a batch holds its shape bucket's rows
+    return held * runner.kv_bytes_per_token() * columns / 1e9
 
 
 def _run_kv_bench(workload: str, *, model: str, max_tokens: int | None, num_prompts: int | None,

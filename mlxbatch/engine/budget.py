@@ -43,8 +43,10 @@ class UnitShape:
 class KVBudget:
     """The KV budget of one engine (bytes), and the projection admission checks against it."""
 
-    def __init__(self, max_bytes: int, *, bytes_per_token: int, state_bytes: int, fine: bool):
+    def __init__(self, max_bytes: int, *, bytes_per_token: int, state_bytes: int, fine: bool,
+                 rows_held=lambda n: n):
         self.max_bytes = max_bytes
+        self.rows_held = rows_held  # the rows a batch of n live rows holds (padded to its shape bucket)
         self.bytes_per_token = bytes_per_token
         self.state_bytes = state_bytes  # a row's state layers, whatever its length
         self.fine = fine  # the cache's capacity steps (kvcache.capacity)
@@ -62,9 +64,9 @@ class KVBudget:
         groups = num_groups + (1 if unit.new_prefix_bytes else 0)
         shared = (prefix_bytes + unit.new_prefix_bytes) * (2 if groups > 1 else 1)
         prefill = unit.rows * (bpt * capacity(unit.width, fine=self.fine) + state)
-        batch = len(live_spans) * (bpt * held_columns(max(live_spans), fine=self.fine) + state) if live_spans else 0
+        batch = self.rows_held(len(live_spans)) * (bpt * held_columns(max(live_spans), fine=self.fine) + state) if live_spans else 0
         widest = max([*live_spans, *unit.ends])
-        after = (len(live_spans) + unit.rows) * (bpt * held_columns(widest, fine=self.fine) + state)
+        after = self.rows_held(len(live_spans) + unit.rows) * (bpt * held_columns(widest, fine=self.fine) + state)
         return shared + max(batch + prefill, after)
 
     def is_tight(self, held: int) -> bool:

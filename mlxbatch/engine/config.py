@@ -54,7 +54,8 @@ class EngineConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB
     max_prefill_tokens: int | None = None  # None: the backend's default
-    max_step_tokens: int | None = None  # prefill tokens per engine step beside the decode; None: the backend's
+    max_step_tokens: int | None = None  # prefill tokens per engine step beside the decode; None: see is_interactive
+    is_interactive: bool = False  # streams wait on each step (the server): steps bounded by the backend's budget
     kv: KVFormat | None = None  # None: KV in the model dtype
     options: ForwardOptions | None = None  # forward choices; None: the backend's (model_runner.default_options)
     # (name, absolute path or None for the base model) the model must carry, in order: a worker

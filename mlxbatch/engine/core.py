@@ -134,18 +134,21 @@ class Engine:
         plan = lm.offload.plan.engine_settings(max_batch=config.max_batch, max_kv_gb=config.max_kv_gb) \
             if lm.offload is not None else {}  # a memory cap: KV, blocks of rows and prefill sizes from its plan
         self.max_batch = plan.get("max_batch") or config.max_batch or (CPU_MAX_BATCH if is_cpu else GPU_MAX_BATCH)
+        self.is_bucketed = not self.runner.has_state  # rows padded to shapes.row_bucket (state layers: exact)
         self.budget = KVBudget(plan.get("max_kv_bytes") or (int(config.max_kv_gb * 1e9) if config.max_kv_gb
                                                             else _default_kv_bytes()),
                                bytes_per_token=self.runner.kv_bytes_per_token(),
-                               state_bytes=self.runner.state_bytes_per_row(), fine=is_cpu)
+                               state_bytes=self.runner.state_bytes_per_row(), fine=is_cpu,
+                               rows_held=self._rows_held)
         self.prefill_chunk = plan.get("prefill_chunk") or config.prefill_chunk
         self.max_prefill_tokens = plan.get("max_prefill_tokens") or config.max_prefill_tokens or (4096 if is_cpu else 32768)
-        # Prefill tokens (rows x columns) computed per step beside the decode: bounds every stream's step.
-        # Streamed weights are read once per step, so there a step prefills the plan's whole pass.
-        self.max_step_tokens = plan.get("max_prefill_tokens") or config.max_step_tokens or (256 if is_cpu else 2048)
+        # Prefill tokens (rows x columns) computed per step beside the decode: bounds a server's streams'
+        # step; a batch job (throughput first) prefills a whole unit a step, and so do streamed weights
+        # (read once per step).
+        self.max_step_tokens = plan.get("max_prefill_tokens") or config.max_step_tokens or \
+            ((256 if is_cpu else 2048) if config.is_interactive else self.max_prefill_tokens)
         self.prefix_cache = PrefixCache(int(config.prefix_cache_gb * 1e9))
         self.scheduler = Scheduler(reserve=self.max_batch // 8)
-        self.is_bucketed = not self.runner.has_state  # rows padded to shapes.row_bucket (state layers: exact)
         self.stats = EngineStats(capacity=self.max_batch, forward=self.runner.describe(),
                                  kv_budget_bytes=self.max_kv_bytes, kv_format=kv.describe() if kv else "",
                                  resident_share=lm.offload.plan.resident_share if lm.offload is not None else 1.0)
@@ -448,6 +451,10 @@ class Engine:
         self._filling.append(self._start_unit(unit))
         self._prefilling = None
         return True
+
+    def _rows_held(self, n: int) -> int:
+        """The rows a batch of n live rows holds: padded to its shape bucket where bucketed."""
+        return row_bucket(n, cap=self.max_batch) if n and self.is_bucketed else n
 
     @property
     def max_kv_bytes(self) -> int:

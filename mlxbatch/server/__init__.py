@@ -94,7 +94,9 @@ def build(spec, opts: ServeOptions, lm=None):
     # Batches are jobs with the server's settings: their output lines are OpenAI Batch lines.
     spec = replace(spec, output_format="openai", ignore_eos=spec.ignore_eos if spec.ignore_eos is not None
                    else lm.is_random, commit_seconds=min(spec.commit_seconds, 1.0))
-    engine_loop = EngineLoop(lm, EngineConfig.from_spec(spec), max_queue=opts.max_queue)
+    # Interactive: each step's prefill is bounded, so no stream waits behind a long prompt.
+    config = replace(EngineConfig.from_spec(spec), is_interactive=True)
+    engine_loop = EngineLoop(lm, config, max_queue=opts.max_queue)
     files = FileStore(opts.data / "files")
     grammars = _LockedGrammars(lm.tokenizer)
     batches = BatchStore(opts.data / "batches", files, lm=lm, engine_loop=engine_loop, spec=spec,
