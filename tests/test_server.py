@@ -453,7 +453,7 @@ def test_serve_job_files_kv_format_is_the_engines(tiny, tmp_path):
     spec = serve_spec(job, {})
     srv, _ = build(spec, ServeOptions(data=tmp_path / "data"), lm=tiny)  # the engine thread is not started
     loop = srv.engine_loop
-    assert loop.config == EngineConfig(max_batch=6, max_kv_gb=0.5, kv=KVFormat(4, None, 32))
+    assert loop.config == EngineConfig(max_batch=6, max_kv_gb=0.5, kv=KVFormat(4, None, 32), is_interactive=True)
     kv = loop.engine.runner.options.kv
     assert (kv.bits, kv.value_bits, kv.group_size) == (4, 4, 32)
     assert loop.engine.stats.kv_format == "4-bit, groups of 32" and loop.max_batch == 6

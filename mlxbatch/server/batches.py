@@ -270,7 +270,7 @@ class BatchStore:
     def _shared(self, feed, config: EngineConfig):
         """The server's engine (through `feed`) for a batch job, whose engine settings are the server's:
         a batch's own would be dropped, so a difference is a bug caught here, not a silent change."""
-        if config != self.engine_loop.config:
+        if replace(config, is_interactive=True) != self.engine_loop.config:  # the server's steps are interactive
             raise RuntimeError(f"a batch job's engine settings {config} differ from the server's "
                                f"{self.engine_loop.config}")
         return feed
